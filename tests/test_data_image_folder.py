@@ -1,0 +1,183 @@
+"""tf.data pipelines over image folders."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from semppl_jax.data import image_folder
+
+S = 6  # output image side
+CLASSES = ("cat", "dog", "emu")
+PER_CLASS = (3, 4, 3)
+NUM_UNLABELLED = 12
+
+
+def _value(kind, i):
+  """The constant pixel value of image i (labelled: 10 + 3i, unlabelled: 120 + 3i)."""
+  return (10 if kind == "labelled" else 120) + 3 * i
+
+
+def _write_png(path, value, shape):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  image = tf.fill(list(shape) + [3], tf.constant(value, tf.uint8))
+  tf.io.write_file(path, tf.io.encode_png(image))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("images")
+  i = 0
+  for c, (name, count) in enumerate(zip(CLASSES, PER_CLASS)):
+    for j in range(count):
+      # Non-square sizes of both orientations exercise the centred crop.
+      shape = (8 + j, 11) if j % 2 else (13, 7 + j)
+      _write_png(str(root / "labelled" / name / f"img{j}.png"), _value("labelled", i), shape)
+      i += 1
+  for k in range(NUM_UNLABELLED):
+    sub = "a" if k % 2 else os.path.join("b", "c")
+    _write_png(str(root / "unlabelled" / sub / f"u{k}.PNG"), _value("unlabelled", k), (9, 12))
+  (root / "unlabelled" / "notes.txt").write_text("not an image")
+  (root / "unlabelled" / ".hidden.png").write_text("skipped")
+  return str(root / "labelled"), str(root / "unlabelled")
+
+
+def _ids(images, kind):
+  """Recovers image ids from their constant pixel values."""
+  flat = images.reshape(images.shape[0], -1).astype(int)
+  assert np.all(flat == flat[:, :1]), "host preprocessing must keep constant images constant"
+  return (flat[:, 0] - _value(kind, 0)) // 3
+
+
+def _labelled_label(i):
+  return int(np.searchsorted(np.cumsum(PER_CLASS), i, side="right"))
+
+
+def _take(ds, n):
+  return list(tfds.as_numpy(ds.take(n)))
+
+
+def test_list_image_folder(folders, tmp_path):
+  labelled, unlabelled = folders
+  paths, labels, names = image_folder.list_image_folder(labelled)
+  assert names == list(CLASSES)
+  np.testing.assert_array_equal(labels, np.repeat(np.arange(3), PER_CLASS))
+  assert labels.dtype == np.int32
+  assert all(os.path.basename(os.path.dirname(p)) == CLASSES[l] for p, l in zip(paths, labels))
+  files = image_folder.list_images(unlabelled)
+  assert len(files) == NUM_UNLABELLED and files == sorted(files)
+  with pytest.raises(ValueError, match="class_names lacks"):
+    image_folder.list_image_folder(labelled, class_names=["cat", "dog"])
+  with pytest.raises(ValueError, match="no class sub-folders"):
+    image_folder.list_image_folder(os.path.join(unlabelled, "a"))
+  with pytest.raises(ValueError, match="no image files"):
+    image_folder.list_images(str(tmp_path))
+  with pytest.raises(ValueError, match="is not a folder"):
+    image_folder.list_images(os.path.join(unlabelled, "missing"))
+
+
+def _semi(folders, **kwargs):
+  args = dict(image_size=S, labelled_batch_size=4, unlabelled_batch_size=6, seed=3)
+  args.update(kwargs)
+  return image_folder.image_folder_semi_supervised(*folders, **args)
+
+
+def test_semi_supervised_keys_shapes_and_content(folders):
+  batches = _take(_semi(folders), 5)
+  for batch in batches:
+    assert set(batch) == {"labelled_images", "labels", "unlabelled_images",
+                          "unlabelled_labels"}
+    assert batch["labelled_images"].shape == (4, S, S, 3)
+    assert batch["labelled_images"].dtype == np.uint8
+    assert batch["unlabelled_images"].shape == (6, S, S, 3)
+    assert batch["labels"].dtype == np.int32 and batch["unlabelled_labels"].dtype == np.int32
+    ids = _ids(batch["labelled_images"], "labelled")
+    np.testing.assert_array_equal(batch["labels"], [_labelled_label(i) for i in ids])
+    assert np.all(batch["unlabelled_labels"] == -1)
+  # 20 labelled positions = 2 epochs of 10; 30 unlabelled = 2.5 epochs of 12.
+  lab = np.concatenate([_ids(b["labelled_images"], "labelled") for b in batches])
+  unlab = np.concatenate([_ids(b["unlabelled_images"], "unlabelled") for b in batches])
+  np.testing.assert_array_equal(np.sort(lab[:10]), np.arange(10))
+  np.testing.assert_array_equal(np.sort(lab[10:]), np.arange(10))
+  np.testing.assert_array_equal(np.sort(unlab[:12]), np.arange(12))
+  np.testing.assert_array_equal(np.sort(unlab[12:24]), np.arange(12))
+
+
+def test_semi_supervised_deterministic_and_resumable(folders):
+  first = _take(_semi(folders), 6)
+  again = _take(_semi(folders), 6)
+  resumed = _take(_semi(folders, start_step=4), 2)
+  for a, b in zip(first, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  for a, b in zip(first[4:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  other = _take(_semi(folders, seed=4), 6)
+  assert not all(np.array_equal(a["unlabelled_images"], b["unlabelled_images"])
+                 for a, b in zip(first, other))
+
+
+def test_semi_supervised_host_shards_are_disjoint(folders):
+  seen_lab, seen_unlab = [], []
+  for p in range(2):
+    batches = _take(_semi(folders, labelled_batch_size=4, unlabelled_batch_size=6,
+                          process_index=p, process_count=2), 4)
+    assert batches[0]["labelled_images"].shape == (2, S, S, 3)
+    assert batches[0]["unlabelled_images"].shape == (3, S, S, 3)
+    # One host epoch: 5 labelled and 6 unlabelled files.
+    lab = np.concatenate([_ids(b["labelled_images"], "labelled") for b in batches])[:5]
+    unlab = np.concatenate([_ids(b["unlabelled_images"], "unlabelled") for b in batches])[:6]
+    assert len(set(lab.tolist())) == 5 and len(set(unlab.tolist())) == 6
+    seen_lab.append(set(lab.tolist()))
+    seen_unlab.append(set(unlab.tolist()))
+  assert not seen_lab[0] & seen_lab[1] and seen_lab[0] | seen_lab[1] == set(range(10))
+  assert not seen_unlab[0] & seen_unlab[1]
+  assert seen_unlab[0] | seen_unlab[1] == set(range(NUM_UNLABELLED))
+
+
+def test_labelled_folder_may_double_as_unlabelled_pool(folders):
+  labelled, _ = folders
+  batch = _take(image_folder.image_folder_semi_supervised(
+      labelled, labelled, image_size=S, labelled_batch_size=2, unlabelled_batch_size=10,
+      seed=0), 1)[0]
+  assert sorted(_ids(batch["unlabelled_images"], "labelled").tolist()) == list(range(10))
+  assert np.all(batch["unlabelled_labels"] == -1)
+
+
+@pytest.mark.parametrize("process_count", [1, 3])
+def test_eval_covers_every_image_once(folders, process_count):
+  labelled, _ = folders
+  seen, counts = [], []
+  for p in range(process_count):
+    batches = _take(image_folder.image_folder_eval(
+        labelled, image_size=S, batch_size=3 * process_count, process_index=p,
+        process_count=process_count), 100)
+    counts.append(len(batches))
+    for batch in batches:
+      assert batch["images"].shape == (3, S, S, 3) and batch["mask"].dtype == bool
+      mask = batch["mask"]
+      if not mask.any():
+        assert np.all(batch["labels"] == -1) and np.all(batch["images"] == 0)
+        continue
+      ids = _ids(batch["images"][mask], "labelled")
+      np.testing.assert_array_equal(batch["labels"][mask], [_labelled_label(i) for i in ids])
+      assert np.all(batch["labels"][~mask] == -1) and np.all(batch["images"][~mask] == 0)
+      seen.extend(ids.tolist())
+  assert len(set(counts)) == 1  # same number of batches on every host
+  assert sorted(seen) == list(range(10))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(labelled_batch_size=3, process_count=2), "labelled_batch_size must be divisible"),
+    (dict(labelled_batch_size=12), "labelled_batch_size: the host-local batch of 12 exceeds"),
+    (dict(process_index=1), r"process_index must lie in \[0, 1\)"),
+    (dict(image_size=0), "image_size"),
+    (dict(central_fraction=0.0), "central_fraction"),
+    (dict(seed=-2), "seed"),
+    (dict(start_step=-1), "start_step"),
+])
+def test_bad_input_raises(folders, kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    _semi(folders, **kwargs)

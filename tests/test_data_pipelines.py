@@ -1,0 +1,80 @@
+"""Shared tf.data pieces: host preprocessing, resumable epoch streams, shard bounds."""
+import numpy as np
+import tensorflow as tf
+
+from semppl_jax.data import pipelines
+
+
+def test_decode_center_crop_against_numpy():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8)
+  png = tf.io.encode_png(image)
+  # Same size after cropping: the resize is the identity, so the crop must be exact.
+  np.testing.assert_array_equal(pipelines.decode_center_crop(png, 6).numpy(), image[:, 2:8])
+  tall = np.transpose(image, (1, 0, 2))
+  np.testing.assert_array_equal(
+      pipelines.decode_center_crop(tf.io.encode_png(tall), 6).numpy(), tall[2:8])
+  # central_fraction 0.5: the centred 3x3 square, resized to 6x6 (2x upsampling).
+  out = pipelines.decode_center_crop(png, 6, central_fraction=0.5).numpy()
+  assert out.shape == (6, 6, 3) and out.dtype == np.uint8
+  ref = tf.image.resize(image[1:4, 3:6].astype(np.float32), [6, 6], antialias=True).numpy()
+  np.testing.assert_array_equal(out, np.clip(np.round(ref), 0, 255).astype(np.uint8))
+  # Grayscale input becomes RGB.
+  gray = pipelines.decode_center_crop(tf.io.encode_png(image[..., :1]), 6).numpy()
+  np.testing.assert_array_equal(gray, np.repeat(image[:, 2:8, :1], 3, axis=-1))
+
+
+def test_decode_center_crop_jpeg_window_matches_full_decode():
+  rng = np.random.default_rng(1)
+  blocks = np.kron(rng.integers(0, 256, size=(4, 6, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+  # Without chroma subsampling, decoding only the window equals decode-then-crop exactly.
+  jpeg = tf.io.encode_jpeg(blocks, quality=95, chroma_downsampling=False)
+  full = tf.io.decode_jpeg(jpeg, channels=3).numpy()  # 32 x 48
+  np.testing.assert_array_equal(pipelines.decode_center_crop(jpeg, 32).numpy(), full[:, 8:40])
+  # With 4:2:0 chroma, libjpeg's upsampling lacks the neighbours outside the window: only the
+  # window's first and last columns may differ.
+  jpeg = tf.io.encode_jpeg(blocks, quality=95)
+  full = tf.io.decode_jpeg(jpeg, channels=3).numpy()
+  out = pipelines.decode_center_crop(jpeg, 32).numpy()
+  np.testing.assert_array_equal(out[:, 1:-1], full[:, 9:39])
+
+
+def test_even_shard_bounds_partition():
+  for n in (0, 1, 7, 10):
+    for count in (1, 2, 3, 4):
+      bounds = [pipelines.even_shard_bounds(n, p, count) for p in range(count)]
+      assert bounds[0][0] == 0 and bounds[-1][1] == n
+      assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+      sizes = [e - s for s, e in bounds]
+      assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def _stream(start_position, seed=0, stream=0, n=5, take=17, buffer=5):
+  ds = pipelines.epoch_stream(tf.data.Dataset.range(n), n, seed=seed, stream=stream,
+                              start_position=start_position, shuffle_buffer=buffer)
+  return [int(x) for x in ds.take(take)]
+
+
+def test_epoch_stream_epochs_permute_and_resume_exactly():
+  full = _stream(0, take=20)
+  for e in range(4):
+    assert sorted(full[5 * e:5 * e + 5]) == list(range(5))
+  assert len({tuple(full[5 * e:5 * e + 5]) for e in range(4)}) > 1  # reshuffled per epoch
+  for start in (1, 5, 7, 13):
+    assert _stream(start, take=20 - start) == full[start:]
+  assert _stream(0, take=20) == full
+  assert _stream(0, seed=1, take=20) != full
+  assert _stream(0, stream=1, take=20) != full
+
+
+def test_epoch_stream_small_buffer_still_covers_each_epoch():
+  full = _stream(0, n=9, take=27, buffer=2)
+  for e in range(3):
+    assert sorted(full[9 * e:9 * e + 9]) == list(range(9))
+  assert _stream(11, n=9, take=16, buffer=2) == full[11:]
+
+
+def test_eval_num_batches():
+  assert pipelines.eval_num_batches(11, 2, 2) == 3  # shards 6 + 5
+  assert pipelines.eval_num_batches(10, 3, 3) == 2  # shards 4 + 3 + 3
+  assert pipelines.eval_num_batches(0, 1, 4) == 1
