@@ -1,0 +1,164 @@
+"""Tests for semppl_jax.parallel, including a real 2-process (multi-host) run on CPU."""
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from semppl_jax import parallel
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_make_mesh_and_shardings():
+  mesh = parallel.make_mesh()
+  assert isinstance(mesh, jax.sharding.Mesh)
+  assert mesh.axis_names == ("data",)
+  assert mesh.shape["data"] == len(jax.devices()) == 8
+  assert list(mesh.devices) == jax.devices()
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+
+  sub = parallel.make_mesh(jax.devices()[:2])
+  assert sub.shape["data"] == 2
+  with pytest.raises(ValueError, match="devices"):
+    parallel.make_mesh([])
+
+  assert parallel.data_sharding(mesh).spec == P("data")
+  assert parallel.data_sharding(mesh).mesh == mesh
+  assert parallel.replicated_sharding(mesh).spec == P()
+  assert parallel.replicated_sharding(mesh).is_fully_replicated
+
+
+def test_ambient_data_axis_size():
+  mesh = parallel.make_mesh()
+  assert parallel.ambient_data_axis_size() == 1
+  seen = []
+
+  def body(x):
+    seen.append(parallel.ambient_data_axis_size())
+    return x
+
+  with jax.set_mesh(mesh):
+    assert parallel.ambient_data_axis_size() == 8
+    jax.jit(lambda x: (seen.append(parallel.ambient_data_axis_size()), x)[1])(jnp.zeros(8))
+    jax.shard_map(body, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(jnp.zeros(8))
+  assert seen == [8, 1]  # Inside shard_map the axis is manual: run the local computation.
+
+
+def test_host_local_round_trip_single_process():
+  mesh = parallel.make_mesh()
+  tree = {"images": np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+          "labels": np.arange(16, dtype=np.int32)}
+  global_tree = parallel.host_local_to_global(tree, mesh)
+  for name, leaf in global_tree.items():
+    assert isinstance(leaf, jax.Array)
+    assert leaf.shape == tree[name].shape and leaf.dtype == tree[name].dtype
+    assert leaf.sharding.spec == P("data")
+    assert leaf.addressable_shards[1].data.shape[0] == 2
+    np.testing.assert_array_equal(leaf, tree[name])
+  back = parallel.global_to_host_local(global_tree)
+  for name in tree:
+    assert isinstance(back[name], np.ndarray)
+    np.testing.assert_array_equal(back[name], tree[name])
+
+  replicated = jax.device_put(jnp.arange(5), parallel.replicated_sharding(mesh))
+  np.testing.assert_array_equal(parallel.global_to_host_local(replicated), np.arange(5))
+  np.testing.assert_array_equal(parallel.global_to_host_local([1, 2]), [1, 2])
+
+  with pytest.raises(ValueError, match="multiple of the 8 local devices"):
+    parallel.host_local_to_global(np.zeros((6, 2)), mesh)
+
+
+def test_initialize_distributed_single_process_and_bad_input():
+  parallel.initialize_distributed("", 1, 0)  # No-op: nothing to connect.
+  parallel.initialize_distributed("localhost:1234", 1, 0)
+  assert not jax.distributed.is_initialized()
+  with pytest.raises(ValueError, match="num_processes"):
+    parallel.initialize_distributed("localhost:1234", 0, 0)
+  with pytest.raises(ValueError, match="process_id"):
+    parallel.initialize_distributed("localhost:1234", 2, 2)
+  with pytest.raises(ValueError, match="coordinator_address"):
+    parallel.initialize_distributed("", 2, 0)
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    from semppl_jax import knn, parallel
+
+    process_id, port = int(sys.argv[1]), sys.argv[2]
+    parallel.initialize_distributed(f"localhost:{port}", 2, process_id)
+    parallel.initialize_distributed(f"localhost:{port}", 2, process_id)  # Idempotent.
+    assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
+    assert len(jax.local_devices()) == 2
+    mesh = parallel.make_mesh()
+
+    # Both processes know the full data (same seed) but only feed their own half.
+    rng = np.random.default_rng(0)
+    batch, size, dim, classes = 8, 32, 4, 3
+    queries = rng.integers(-1, 2, size=(batch, dim)).astype(np.float32)
+    keys = rng.integers(-1, 2, size=(size, dim)).astype(np.float32)
+    labels = rng.integers(-1, classes, size=size).astype(np.int32)
+    mine = lambda x: np.split(x, 2)[process_id]
+    arrays = parallel.host_local_to_global(
+        {"queries": mine(queries), "keys": mine(keys), "labels": mine(labels)}, mesh)
+    assert arrays["keys"].shape == (size, dim)
+    assert not arrays["keys"].is_fully_addressable
+
+    with jax.set_mesh(mesh):
+      votes = jax.jit(lambda q, e, l: knn.knn_vote(q, e, l, k=3, num_classes=classes))(
+          arrays["queries"], arrays["keys"], arrays["labels"])
+
+    # Plain numpy reference over the full data: top 3 valid by (-score, index), majority.
+    expected = []
+    for q in queries:
+      scores = keys @ q
+      order = sorted(np.flatnonzero(labels >= 0), key=lambda j: (-scores[j], j))[:3]
+      expected.append(int(np.argmax(np.bincount(labels[order], minlength=classes))))
+    local = parallel.global_to_host_local(arrays)
+    assert np.array_equal(local["keys"], mine(keys))
+    got = parallel.global_to_host_local(votes).tolist()
+    print("RESULT", process_id, got == expected, got, flush=True)
+""")
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_sharded_knn_vote(tmp_path):
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=120)[0])
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  results = []
+  for i, (proc, out) in enumerate(zip(procs, outputs)):
+    assert proc.returncode == 0, out
+    lines = [l for l in out.splitlines() if l.startswith("RESULT")]
+    assert len(lines) == 1, out
+    _, process_id, ok, votes = lines[0].split(" ", 3)
+    assert process_id == str(i) and ok == "True", out
+    results.append(votes)
+  assert results[0] == results[1]
