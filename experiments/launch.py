@@ -1,0 +1,64 @@
+"""Launches a semppl_jax jaxline experiment.
+
+    python experiments/launch.py --config=experiments/fashion_mnist.py
+    python experiments/launch.py --config=experiments/fashion_mnist.py \
+        --config.experiment_kwargs.config.objective=relic --config.training_steps=200
+
+The config's ``experiment_class`` picks the experiment: ``'pretrain'`` (SemPPL pre-training,
+semppl_jax.experiment) or ``'eval'`` (fine-tune / linear / kNN evaluation,
+semppl_jax.eval_experiment). Checkpoints go to ``<checkpoint_dir>/checkpoints`` through Orbax; a
+restarted run resumes from the latest one. Multi-host: pass --coordinator_address, --num_processes
+and --process_id on every host (or nothing on a single host / a TPU slice that auto-detects).
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+# Importable without `pip install -e .` too (run from a checkout).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from semppl_jax import jaxline_compat  # pylint: disable=g-import-not-at-top
+
+jaxline_compat.install()
+
+from jaxline import platform  # pylint: disable=g-import-not-at-top
+
+from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0, for multi-host runs without auto-detection.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
+
+
+def checkpointer_factory(config, mode):
+  """Orbax checkpoints on disk under <checkpoint_dir>/checkpoints, the last N kept."""
+  del mode
+  directory = os.path.join(os.path.abspath(config.checkpoint_dir), "checkpoints")
+  return checkpointing.OrbaxCheckpointer(directory, max_to_keep=config.max_checkpoints_to_keep)
+
+
+def experiment_class_for(name):
+  if name == "pretrain":
+    from semppl_jax import experiment  # pylint: disable=g-import-not-at-top
+    return experiment.Experiment
+  if name == "eval":
+    from semppl_jax import eval_experiment  # pylint: disable=g-import-not-at-top
+    return eval_experiment.EvalExperiment
+  raise ValueError(f"config.experiment_class: got {name!r}, allowed: 'pretrain', 'eval'.")
+
+
+def main(argv):
+  if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  config = flags.FLAGS.config
+  platform.main(experiment_class_for(config.experiment_class), argv,
+                checkpointer_factory=checkpointer_factory)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

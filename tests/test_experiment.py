@@ -1,0 +1,174 @@
+"""End-to-end tests of the SemPPL pre-training experiment (semppl_jax.experiment).
+
+Runs go through the real launcher (experiments/launch.py) in subprocesses, on 1 and on 8 fake
+CPU devices, with the tiny config in tests/configs. Config validation is tested in-process.
+"""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semppl_jax import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "tests", "configs", "tiny_fashion_mnist.py")
+sys.path.insert(0, os.path.join(ROOT, "tests", "configs"))
+import tiny_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _launch(run_dir, num_devices, *overrides, wait=True):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", SEMPPL_TEST_RUN_DIR=str(run_dir),
+             PYTHONUNBUFFERED="1")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "launch.py"),
+         f"--config={TINY_CONFIG}", *overrides]
+  if not wait:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+  return out.stdout
+
+
+def _final_module_state(run_dir):
+  """The experiment-module snapshot of the newest 'latest' checkpoint, as numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(os.path.abspath(run_dir), "checkpoints", "latest")
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        experiment_module=ocp.args.StandardRestore(),
+        jaxline_meta=ocp.args.JsonRestore()))
+  step = restored["jaxline_meta"]["json"]["global_step"]["value"]
+  return step, jax.device_get(restored["experiment_module"]["value"])
+
+
+def _saved_steps(run_dir):
+  directory = os.path.join(run_dir, "checkpoints", "latest")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_launcher_trains_evaluates_and_checkpoints(tmp_path, num_devices):
+  stdout = _launch(tmp_path, num_devices)
+  assert "[train] step 4/4" in stdout
+  for metric in ("online-probe top-1", "weighted kNN top-1 (test, k=5", "queue-kNN top-1",
+                 "pseudo-label accuracy"):
+    assert metric in stdout, stdout[-3000:]
+  step, state = _final_module_state(tmp_path)
+  assert step == 4
+  queue = state["train_state"]["queue"]
+  # Four steps of 8 labelled items filled 32 of the 64 slots of each of the 2 queues.
+  assert (np.asarray(queue["labels"]) >= 0).sum() == 2 * 32
+  assert os.listdir(os.path.join(tmp_path, "train"))  # TensorBoard event files.
+
+
+def test_killed_run_resumes_bit_identical(tmp_path):
+  steps = "--config.training_steps=12"
+  reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+  _launch(reference_dir, 1, steps, "--config.experiment_kwargs.config.evaluate_at_end=False")
+
+  proc = _launch(resumed_dir, 1, steps, "--config.experiment_kwargs.config.evaluate_at_end=False",
+                 wait=False)
+  deadline = time.time() + 300
+  # Kill with SIGKILL as soon as a mid-run checkpoint exists (not the initial one, not the last).
+  while time.time() < deadline and proc.poll() is None and len(_saved_steps(resumed_dir)) < 4:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  killed_at, _ = _final_module_state(resumed_dir)
+  assert killed_at < 12
+
+  stdout = _launch(resumed_dir, 1, steps, "--config.experiment_kwargs.config.evaluate_at_end=False")
+  assert f"[train] step {killed_at + 1}/12" in stdout or killed_at + 1 > 12
+  ref_step, ref = _final_module_state(reference_dir)
+  res_step, res = _final_module_state(resumed_dir)
+  assert ref_step == res_step == 12
+  flat_ref = jax.tree_util.tree_leaves_with_path(ref)
+  flat_res = jax.tree_util.tree_leaves_with_path(res)
+  assert [p for p, _ in flat_ref] == [p for p, _ in flat_res]
+  for (path, a), (_, b) in zip(flat_ref, flat_res):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def _config():
+  return copy.deepcopy(tiny_fashion_mnist.get_config().experiment_kwargs.config)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.labelled_batch_size", 12, "data.labelled_batch_size: 12 is not divisible"),
+    ("data.unlabelled_batch_size", 4, "data.unlabelled_batch_size: 4 is not divisible"),
+    ("data.labelled_batch_size", 0, "data.labelled_batch_size: every batch needs labelled"),
+    ("data.labelled_batch_size", 72, r"queue.size: 64 is smaller than the labelled items "
+     r"written per step \(data.labelled_batch_size=72\)"),
+    ("queue.size", 60, "queue.size: 60 is not divisible"),
+    ("semppl.knn_k", 65, "semppl.knn_k: 65 is larger than the queue"),
+    ("semppl.knn_k", 0, "semppl.knn_k: must be >= 1"),
+    ("views.large_size", 40, r"views.large_size: must be in \(0, data.image_size=28\]"),
+    ("network.small_images", False, "network.small_images: the ImageNet stem"),
+    ("network.encoder", "resnet7", "network.encoder: got 'resnet7', allowed: tiny_resnet"),
+    ("objective", "byol", "objective: got 'byol', allowed: semppl, relic, supervised"),
+    ("data.label_percent", 5, "data.label_percent: got 5, allowed: 1, 10"),
+    ("semppl.temperature", 0.0, "semppl.temperature: must be > 0"),
+    ("optimizer.warmup_steps", 99, r"optimizer.warmup_steps: must be in \[0, training_steps=4\]"),
+])
+def test_config_validation_names_field_and_allowed_values(field, value, message):
+  config = _config()
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    experiment.validate_config(config, num_devices=8)
+
+
+def test_valid_tiny_config_passes_validation():
+  experiment.validate_config(_config(), num_devices=8)
+
+
+def test_labels_outside_num_classes_are_rejected():
+  config = _config()
+  config.data.num_classes = 5
+  with pytest.raises(ValueError, match=r"data.num_classes.*\[0, data.num_classes=5\)"):
+    experiment.DataSource(config.data, config.evaluation)
+
+
+@pytest.fixture(scope="module")
+def tiny_experiment():
+  config = _config()
+  return experiment.Experiment("train", jax.random.PRNGKey(0), config)
+
+
+def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experiment):
+  exp = tiny_experiment
+  for step in range(3):  # Fill the queues so that pseudo-labels exist.
+    exp.step(global_step=step, rng=None)
+  step_fn = exp._train_step  # pylint: disable=protected-access
+  batch = exp._data.train_batch(3)  # pylint: disable=protected-access
+  shuffled = dict(batch, unlabelled_labels=np.random.RandomState(0).permutation(
+      batch["unlabelled_labels"]))
+  from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
+  results = []
+  for b in (batch, shuffled):
+    state = jax.tree_util.tree_map(jnp.copy, exp._train_state)  # pylint: disable=protected-access
+    with jax.set_mesh(exp._mesh):  # pylint: disable=protected-access
+      new_state, aux = step_fn(state, parallel.host_local_to_global(b, exp._mesh), jnp.int32(3))  # pylint: disable=protected-access
+    results.append((jax.device_get(new_state), jax.device_get(aux)))
+  (state_a, aux_a), (state_b, aux_b) = results
+  assert aux_a["loss"] == aux_b["loss"]
+  for a, b in zip(jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+  # The monitor that reads them does change (it is their only reader).
+  assert aux_a["pseudo_label_coverage"] == 1.0
+  assert aux_a["pseudo_label_accuracy"] != aux_b["pseudo_label_accuracy"]
