@@ -315,6 +315,8 @@ class Experiment(jaxline_experiment.AbstractExperiment):
         base_learning_rate=config.optimizer.base_learning_rate,
         batch_size=config.data.labelled_batch_size + config.data.unlabelled_batch_size,
         total_steps=config.training_steps, warmup_steps=config.optimizer.warmup_steps)
+    self._optimizer = None  # Built in _init_state: LARS's masks need the parameter tree.
+    self._classifier_optimizer = optax.adam(config.probe.learning_rate)
     self._train_state = self._init_state(init_key)
     self._train_step = None
     self._eval_fns = None
@@ -334,23 +336,22 @@ class Experiment(jaxline_experiment.AbstractExperiment):
 
   def _init_state(self, key: jax.Array) -> PyTree:
     c = self.config
-    size = c.data.image_size
     dummy = jnp.zeros((2, c.views.large_size, c.views.large_size, 3), jnp.float32)
     k_online, k_classifier = jax.random.split(key)
-    online_params, online_state = self._nets.online.init(k_online, dummy, True)
+    # Jitted: eager initialisation of a ResNet-50 runs op by op.
+    online_params, online_state = jax.jit(
+        lambda k, x: self._nets.online.init(k, x, True))(k_online, dummy)
     # The target starts as a copy of the online encoder + projector.
     target_shape = jax.eval_shape(lambda k, x: self._nets.target.init(k, x, True), k_online, dummy)
     # Copies, not views: the train step donates the state, and donated buffers must be distinct.
     copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
     target_params = copy(_subset(online_params, target_shape[0]))
     target_state = copy(_subset(online_state, target_shape[1]))
-    emb = self._nets.online.apply(online_params, online_state, None, dummy, False)[0][0]
-    classifier_params = self._nets.classifier.init(k_classifier, emb)
-    del size
+    embedding_size = networks.embedding_size(c.network.encoder, c.network.width_multiplier)
+    classifier_params = self._nets.classifier.init(k_classifier, jnp.zeros((2, embedding_size)))
     self._optimizer = optim.lars(
         self._lr_schedule, online_params, weight_decay=c.optimizer.weight_decay,
         momentum=c.optimizer.momentum, trust_coefficient=c.optimizer.trust_coefficient)
-    self._classifier_optimizer = optax.adam(c.probe.learning_rate)
     queue = queue_lib.init(c.views.num_large, c.queue.size, c.network.projection_size)
     state = {
         "online_params": online_params,
