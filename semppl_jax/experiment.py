@@ -96,6 +96,10 @@ def validate_config(config: config_dict.ConfigDict, *, num_devices: int) -> None
   if v.num_small and not 0 < v.small_size <= v.large_size:
     fail("views.small_size", f"must be in (0, views.large_size={v.large_size}], got {v.small_size}.")
 
+  if len(v.blur_probability) != len(v.solarize_probability) or not v.blur_probability:
+    fail("views.blur_probability", "views.blur_probability and views.solarize_probability "
+         "must have the same number (>= 1) of entries, one per alternating preset; got "
+         f"{list(v.blur_probability)} and {list(v.solarize_probability)}.")
   n = config.network
   sizes = [v.large_size] + ([v.small_size] if v.num_small else [])
   if n.small_images and max(sizes) > 64:
@@ -274,6 +278,18 @@ def build_networks(network_config: config_dict.ConfigDict, num_classes: int) -> 
                   hk.transform(classifier_fn))
 
 
+def view_presets(views_config: config_dict.ConfigDict) -> Tuple[augmentations.ViewPreset, ...]:
+  """The two alternating photometric presets (BYOL's by default) from ``config.views``."""
+  v = views_config
+  return tuple(
+      augmentations.ViewPreset(
+          blur_probability=blur, solarize_probability=solarize,
+          blur_sigma_range=tuple(v.blur_sigma_range),
+          color_jitter_probability=v.color_jitter_probability,
+          grayscale_probability=v.grayscale_probability)
+      for blur, solarize in zip(v.blur_probability, v.solarize_probability))
+
+
 def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> Dict[str, Any]:
   """The modules of ``tree`` that also exist in ``like`` (online -> target parameters)."""
   return {k: tree[k] for k in like}
@@ -402,7 +418,7 @@ class Experiment(jaxline_experiment.AbstractExperiment):
     large, small = augmentations.multi_crop(
         images, k_views, num_large=L, num_small=S, large_size=c.views.large_size,
         small_size=c.views.small_size, large_scale=tuple(c.views.large_scale),
-        small_scale=tuple(c.views.small_scale))
+        small_scale=tuple(c.views.small_scale), presets=view_presets(c.views))
     # Views flattened to one batch each ([L*B, ...], [S*B, ...]): one network call per size.
     flat = lambda x: augmentations.normalize(x.reshape((-1,) + x.shape[2:]))
 
