@@ -1099,6 +1099,73 @@ def restore_latest(directory: Any, target_tree: Any) -> tuple[int, Any] | None:
   return step, _like_template(restored, target_tree)
 
 
+def newest_checkpoint_dir(path: Any) -> str:
+  """The newest complete checkpoint written by :class:`OrbaxCheckpointer`.
+
+  Args:
+    path: the checkpointer's root (``<checkpoint_dir>/checkpoints``; its ``latest`` series is
+      used), a series directory, or one checkpoint directory.
+
+  Returns:
+    the checkpoint directory (``.../<series>/<n>``).
+
+  Raises:
+    CheckpointError: ``path`` is not a directory or holds no complete checkpoint.
+  """
+  root = os.path.abspath(str(path))
+  if not os.path.isdir(root):
+    raise CheckpointError(f"{path!r} is not a directory; expected a run's "
+                          "'<checkpoint_dir>/checkpoints' (e.g. runs/fashion_mnist/checkpoints).")
+  if os.path.isdir(os.path.join(root, _MODULE_KEY)):
+    return root
+  series = os.path.join(root, "latest")
+  series = series if os.path.isdir(series) else root
+  step = latest_step(series)
+  if step is None:
+    raise CheckpointError(f"no complete checkpoint under {path!r}; expected a run's "
+                          "'<checkpoint_dir>/checkpoints' with a 'latest/<n>' checkpoint.")
+  return os.path.join(series, str(step))
+
+
+def read_experiment_snapshot(path: Any, *, select: Any = None) -> tuple[int | None, Any]:
+  """Reads an experiment's snapshot from a checkpoint written by :class:`OrbaxCheckpointer`,
+  without building the experiment (host numpy arrays, no template needed).
+
+  Args:
+    path: as for :func:`newest_checkpoint_dir`.
+    select: optional function from the snapshot's metadata tree (same structure, metadata
+      leaves) to the sub-tree to read; only that part is read from disk (partial restore).
+
+  Returns:
+    ``(global_step, snapshot)``: the jaxline global step of the checkpoint (None if absent) and
+    the experiment module's ``snapshot_state()`` tree (or the selected part) as numpy arrays.
+
+  Raises:
+    CheckpointError: no checkpoint, or ``select`` does not fit the snapshot.
+  """
+  ocp = _ocp()
+  step_dir = newest_checkpoint_dir(path)
+  item_dir = os.path.join(step_dir, _MODULE_KEY)
+  handler = ocp.PyTreeCheckpointer()
+  try:
+    tree = handler.metadata(item_dir).item_metadata.tree["value"]
+    wanted = {"value": select(tree) if select is not None else tree}
+  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    raise CheckpointError(f"{step_dir!r} does not hold the expected experiment snapshot "
+                          f"({type(e).__name__}: {e}).") from e
+  item = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), wanted)
+  restore_args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=select is not None))["value"]
+  global_step = None
+  meta_dir = os.path.join(step_dir, _META_ITEM)
+  if os.path.isdir(meta_dir):
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
+    entry = meta.get("json", {}).get("global_step")
+    global_step = None if entry is None else int(_from_json_entry(entry))
+  return global_step, jax.tree_util.tree_map(np.asarray, restored)
+
+
 class ExperimentState:
   """Attribute container jaxline's train/eval loops fill (``global_step``, ``experiment_module``,
   ``train_step_rng``, ``best_eval_metric_value`` ...); one per checkpoint series."""

@@ -225,25 +225,6 @@ def encoder_modules(tree: Mapping[str, Any]) -> Dict[str, Any]:
   return {m: v for m, v in tree.items() if not is_head(m)}
 
 
-def _pretrain_step_dir(path: str) -> str:
-  """Newest checkpoint directory under a pre-training ``checkpoints`` root (or a series dir)."""
-  root = os.path.abspath(path)
-  if not os.path.isdir(root):
-    raise checkpointing.CheckpointError(
-        f"config.checkpoint.path: {path!r} is not a directory; expected a pre-training run's "
-        "'<checkpoint_dir>/checkpoints' (e.g. runs/fashion_mnist/checkpoints).")
-  if os.path.isdir(os.path.join(root, "experiment_module")):
-    return root  # A single checkpoint directory.
-  series = os.path.join(root, "latest")
-  series = series if os.path.isdir(series) else root
-  step = checkpointing.latest_step(series)
-  if step is None:
-    raise checkpointing.CheckpointError(
-        f"config.checkpoint.path: no complete checkpoint under {path!r}; expected a "
-        "pre-training run's '<checkpoint_dir>/checkpoints' with a 'latest/<n>' checkpoint.")
-  return os.path.join(series, str(step))
-
-
 def load_pretrain_encoder(path: str) -> Tuple[ModuleTree, ModuleTree, Optional[int]]:
   """The encoder of a pre-training run's newest Orbax checkpoint, as host numpy arrays.
 
@@ -263,30 +244,18 @@ def load_pretrain_encoder(path: str) -> Tuple[ModuleTree, ModuleTree, Optional[i
   Raises:
     checkpointing.CheckpointError: no checkpoint there, or not a pre-training snapshot.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  step_dir = _pretrain_step_dir(path)
-  item_dir = os.path.join(step_dir, "experiment_module")
-  handler = ocp.PyTreeCheckpointer()
+  def select(snapshot):
+    train_state = snapshot["train_state"]
+    return {"train_state": {k: encoder_modules(train_state[k])
+                            for k in ("online_params", "online_state")}}
+
   try:
-    tree = handler.metadata(item_dir).item_metadata.tree
-    train_state = tree["value"]["train_state"]
-    wanted = {k: encoder_modules(train_state[k]) for k in ("online_params", "online_state")}
-  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    global_step, snapshot = checkpointing.read_experiment_snapshot(path, select=select)
+  except checkpointing.CheckpointError as e:
     raise checkpointing.CheckpointError(
-        f"config.checkpoint.path: {step_dir!r} is not a pre-training checkpoint with "
-        f"train_state.online_params / online_state ({type(e).__name__}: {e}).") from e
-  wanted = {"value": {"train_state": wanted}}
-  item = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), wanted)
-  restore_args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))["value"]["train_state"]
-  global_step = None
-  try:
-    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
-        os.path.join(step_dir, "jaxline_meta"))
-    global_step = int(meta["json"]["global_step"]["value"])
-  except Exception:  # pylint: disable=broad-except
-    pass  # The step is informative only.
+        f"config.checkpoint.path: {e} Expected a pre-training run's checkpoints with "
+        "train_state.online_params / online_state.") from e
+  restored = snapshot["train_state"]
   as_dicts = lambda t: {m: {k: np.asarray(v) for k, v in leaves.items()} for m, leaves in t.items()}
   return as_dicts(restored["online_params"]), as_dicts(restored["online_state"]), global_step
 

@@ -537,7 +537,10 @@ class Experiment(jaxline_experiment.AbstractExperiment):
     batch = self._global_batch(step)
     with jax.set_mesh(self._mesh):
       self._train_state, aux = self._train_step(self._train_state, batch, jnp.int32(step))
-    return {k: float(v) for k, v in jax.device_get(aux).items()}
+    scalars = {k: float(v) for k, v in jax.device_get(aux).items()}
+    # evaluate() reports the training monitors averaged over the last logging window.
+    self._recent = (self._recent + [scalars])[-max(1, self.config.log_every_steps):]
+    return scalars
 
   def train_loop(self, config, state, periodic_actions, writer=None):
     """jaxline's loop without its pmap: integer steps, console progress, evaluation at the end."""
@@ -549,18 +552,19 @@ class Experiment(jaxline_experiment.AbstractExperiment):
       step = int(state.global_step)
       scalars = self.step(global_step=step, rng=None, writer=writer)
       state.global_step = step + 1
-      self._recent = (self._recent + [scalars])[-log_every:]
       for action in periodic_actions:
         action(time.time(), state.global_step, scalars)
       done = step + 1
       if done == start_step + 1:  # Rates exclude the first step, which compiles.
         t0 = time.time()
-      if done % log_every == 0 or done == total:
-        rate = (done - start_step - 1) / max(time.time() - t0, 1e-9)
-        eta = (total - done) / max(rate, 1e-9)
+      if done % log_every == 0 or done == total or done == start_step + 1:
         shown = " | ".join(f"{k} {scalars[k]:.4g}" for k in _PROGRESS_KEYS if k in scalars)
-        print(f"[train] step {done}/{total} | {rate:.2f} steps/s | ETA {_fmt_time(eta)} | {shown}",
-              flush=True)
+        if done == start_step + 1:
+          speed = "compiled"
+        else:
+          rate = (done - start_step - 1) / max(time.time() - t0, 1e-9)
+          speed = f"{rate:.2f} steps/s | ETA {_fmt_time((total - done) / rate)}"
+        print(f"[train] step {done}/{total} | {speed} | {shown}", flush=True)
     if self.config.evaluate_at_end:
       results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)
       if writer is not None:

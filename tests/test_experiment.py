@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from semppl_jax import checkpointing
 from semppl_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,16 +39,8 @@ def _launch(run_dir, num_devices, *overrides, wait=True):
 
 
 def _final_module_state(run_dir):
-  """The experiment-module snapshot of the newest 'latest' checkpoint, as numpy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(run_dir), "checkpoints", "latest")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(
-        experiment_module=ocp.args.StandardRestore(),
-        jaxline_meta=ocp.args.JsonRestore()))
-  step = restored["jaxline_meta"]["json"]["global_step"]["value"]
-  return step, jax.device_get(restored["experiment_module"]["value"])
+  """(global step, experiment-module snapshot) of the newest 'latest' checkpoint, as numpy."""
+  return checkpointing.read_experiment_snapshot(os.path.join(run_dir, "checkpoints"))
 
 
 def _saved_steps(run_dir):
@@ -57,43 +50,49 @@ def _saved_steps(run_dir):
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-@pytest.mark.parametrize("num_devices", [1, 8])
-def test_launcher_trains_evaluates_and_checkpoints(tmp_path, num_devices):
-  stdout = _launch(tmp_path, num_devices)
-  assert "[train] step 4/4" in stdout
+def _check_trained_and_evaluated(stdout, run_dir, steps):
+  assert f"[train] step {steps}/{steps}" in stdout
   for metric in ("online-probe top-1", "weighted kNN top-1 (test, k=5", "queue-kNN top-1",
                  "pseudo-label accuracy"):
     assert metric in stdout, stdout[-3000:]
+  assert os.listdir(os.path.join(run_dir, "train"))  # TensorBoard event files.
+
+
+def test_launcher_on_8_devices_trains_evaluates_and_checkpoints(tmp_path):
+  stdout = _launch(tmp_path, 8)
+  _check_trained_and_evaluated(stdout, tmp_path, 4)
   step, state = _final_module_state(tmp_path)
   assert step == 4
   queue = state["train_state"]["queue"]
   # Four steps of 8 labelled items filled 32 of the 64 slots of each of the 2 queues.
   assert (np.asarray(queue["labels"]) >= 0).sum() == 2 * 32
-  assert os.listdir(os.path.join(tmp_path, "train"))  # TensorBoard event files.
 
 
-def test_killed_run_resumes_bit_identical(tmp_path):
-  steps = "--config.training_steps=12"
+def test_killed_run_resumes_bit_identical_on_1_device(tmp_path):
+  steps = 8
   reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-  _launch(reference_dir, 1, steps, "--config.experiment_kwargs.config.evaluate_at_end=False")
+  stdout = _launch(reference_dir, 1, f"--config.training_steps={steps}")
+  _check_trained_and_evaluated(stdout, reference_dir, steps)
 
-  proc = _launch(resumed_dir, 1, steps, "--config.experiment_kwargs.config.evaluate_at_end=False",
-                 wait=False)
+  no_eval = "--config.experiment_kwargs.config.evaluate_at_end=False"
+  proc = _launch(resumed_dir, 1, f"--config.training_steps={steps}", no_eval, wait=False)
   deadline = time.time() + 300
-  # Kill with SIGKILL as soon as a mid-run checkpoint exists (not the initial one, not the last).
-  while time.time() < deadline and proc.poll() is None and len(_saved_steps(resumed_dir)) < 4:
-    time.sleep(0.02)
+  # SIGKILL as soon as the checkpoint of global step 3 exists (ids count saves: id n = step n+1).
+  while time.time() < deadline and proc.poll() is None and max(_saved_steps(resumed_dir),
+                                                               default=-1) < 2:
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
   killed_at, _ = _final_module_state(resumed_dir)
-  assert killed_at < 12
+  assert 3 <= killed_at < steps
 
-  stdout = _launch(resumed_dir, 1, steps, "--config.experiment_kwargs.config.evaluate_at_end=False")
-  assert f"[train] step {killed_at + 1}/12" in stdout or killed_at + 1 > 12
+  stdout = _launch(resumed_dir, 1, f"--config.training_steps={steps}", no_eval)
+  assert f"[train] step {killed_at + 1}/{steps}" in stdout
+  assert "[train] step 1/" not in stdout  # Resumed, not restarted.
   ref_step, ref = _final_module_state(reference_dir)
   res_step, res = _final_module_state(resumed_dir)
-  assert ref_step == res_step == 12
+  assert ref_step == res_step == steps
   flat_ref = jax.tree_util.tree_leaves_with_path(ref)
   flat_res = jax.tree_util.tree_leaves_with_path(res)
   assert [p for p, _ in flat_ref] == [p for p, _ in flat_res]
