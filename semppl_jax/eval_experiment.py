@@ -47,13 +47,11 @@ momentum, nesterov, weight_decay, warmup_steps}``;
 knn_ks, knn_temperature}``.
 """
 import os
-import time
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
-from jaxline import experiment as jaxline_experiment
 from ml_collections import config_dict
 import numpy as np
 import optax
@@ -280,7 +278,7 @@ def _check_encoder(params, state, expected_params, expected_state, what: str,
 # The experiment.
 # ----------------------------------------------------------------------------------------------
 
-class EvalExperiment(jaxline_experiment.AbstractExperiment):
+class EvalExperiment(pretrain.MeshExperiment):
   """Fine-tune / linear / kNN evaluation of an encoder (see the module docstring).
 
   Train state (``self._train_state``, checkpointed as ``train_state``), all replicated:
@@ -289,9 +287,6 @@ class EvalExperiment(jaxline_experiment.AbstractExperiment):
     ``opt_state``: ``{'head': ..., 'encoder': ...}`` (``'encoder'`` for fine_tune only).
   """
 
-  CHECKPOINT_ATTRS = {}
-  NON_BROADCAST_CHECKPOINT_ATTRS = {"_train_state": "train_state"}
-
   def __init__(self, mode: str, init_rng: jax.Array, config: config_dict.ConfigDict):
     super().__init__(mode=mode, init_rng=init_rng)
     self.config = config
@@ -299,6 +294,7 @@ class EvalExperiment(jaxline_experiment.AbstractExperiment):
     self._num_devices = self._mesh.shape["data"]
     validate_config(config, num_devices=self._num_devices, num_processes=jax.process_count())
     self._protocol = config.protocol
+    self._PROGRESS_PREFIX = config.protocol  # pylint: disable=invalid-name
     init_key, self._root_key = jax.random.split(jnp.asarray(init_rng))
     self._build_networks()
     # evaluation.max_examples is applied here (test split only, any dataset), not by DataSource
@@ -422,24 +418,6 @@ class EvalExperiment(jaxline_experiment.AbstractExperiment):
                                   for name, tx in self._optimizers.items()}
     return jax.device_put(train_state, self._shardings(train_state))
 
-  def _shardings(self, state: PyTree) -> PyTree:
-    replicated = parallel.replicated_sharding(self._mesh)
-    return jax.tree_util.tree_map(lambda _: replicated, state)
-
-  def snapshot_state(self) -> Mapping[str, Any]:
-    """``{'train_state': ...}`` (the layout in the class docstring), for jaxline's checkpointer."""
-    return {"train_state": self._train_state}
-
-  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
-    """Puts a restored ``snapshot_state()`` tree back, replicated over the mesh."""
-    state = snapshot_state["train_state"]
-    self._train_state = jax.device_put(state, self._shardings(state))
-
-  def initialize_train_step_rng(self, rng: jax.Array) -> jax.Array:
-    """Returns ``rng`` unchanged (uint32 ``[2]``); jaxline's per-device key split uses pmap."""
-    # Step keys are fold_in(root, step) in `step`; jaxline's per-device keys are unused.
-    return rng
-
   # --- training --------------------------------------------------------------------------------
 
   def _augment(self, images: jax.Array, key: jax.Array) -> jax.Array:
@@ -524,33 +502,11 @@ class EvalExperiment(jaxline_experiment.AbstractExperiment):
     """jaxline's rule (``global_step < training_steps``); never for kNN, which has no steps."""
     return self._protocol != "knn" and super().should_run_step(global_step, config)
 
-  def train_loop(self, config, state, periodic_actions, writer=None):
-    """jaxline's loop without its pmap: integer steps, console progress, evaluation at the end.
-
-    With ``training_steps == 0`` (kNN) or a run already at its last step, only the evaluation
-    runs.
-    """
-    start_step = int(state.global_step)
-    total = config.training_steps
-    log_every = max(1, self.config.log_every_steps)
-    t0 = time.time()
+  def _progress(self, scalars: Mapping[str, float]) -> str:
     p = self._protocol
-    while self.should_run_step(int(state.global_step), config):
-      step = int(state.global_step)
-      scalars = self.step(global_step=step, rng=None, writer=writer)
-      state.global_step = step + 1
-      for action in periodic_actions:
-        action(time.time(), state.global_step, scalars)
-      done = step + 1
-      if done % log_every == 0 or done == total:
-        rate = (done - start_step) / max(time.time() - t0, 1e-9)
-        eta = (total - done) / max(rate, 1e-9)
-        shown = " | ".join(f"{k[len(p) + 1:]} {v:.4g}" for k, v in scalars.items())
-        print(f"[{p}] step {done}/{total} | {rate:.2f} steps/s | ETA {_fmt_time(eta)} | {shown}",
-              flush=True)
-    results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)
-    if writer is not None:
-      writer.write_scalars(int(state.global_step), results)
+    return " | ".join(f"{k[len(p) + 1:]} {v:.4g}" for k, v in scalars.items())
+
+  def _report(self, results: Mapping[str, float]) -> None:
     _print_results(results, self.config, self._source_info)
 
   # --- evaluation ------------------------------------------------------------------------------
@@ -653,12 +609,6 @@ class EvalExperiment(jaxline_experiment.AbstractExperiment):
     results["num_test_examples"] = float(count)
     results["global_step"] = float(np.asarray(global_step).reshape(-1)[0])
     return results
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
-      f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 def _print_results(results: Mapping[str, float], config: config_dict.ConfigDict,

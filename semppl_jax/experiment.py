@@ -310,11 +310,73 @@ def preprocess(images: jax.Array) -> jax.Array:
 # The experiment.
 # ----------------------------------------------------------------------------------------------
 
-class Experiment(jaxline_experiment.AbstractExperiment):
-  """SemPPL pre-training (see the module docstring)."""
+class MeshExperiment(jaxline_experiment.AbstractExperiment):
+  """jaxline plumbing shared by the pre-training and evaluation experiments, without pmap.
+
+  Subclasses keep their whole state in ``self._train_state`` (checkpointed as ``train_state``),
+  set ``self._mesh`` and ``self.config`` (with ``log_every_steps``), and implement ``step``,
+  ``evaluate``, ``_progress(scalars) -> str`` and ``_report(results)``. Step keys are
+  ``fold_in(root, step)`` inside ``step``, so jaxline's per-device rng is not used.
+  """
 
   CHECKPOINT_ATTRS = {}
   NON_BROADCAST_CHECKPOINT_ATTRS = {"_train_state": "train_state"}
+  _PROGRESS_PREFIX = "train"
+
+  def _shardings(self, state: PyTree) -> PyTree:
+    """Where each leaf of the state lives; everything replicated unless overridden."""
+    replicated = parallel.replicated_sharding(self._mesh)
+    return jax.tree_util.tree_map(lambda _: replicated, state)
+
+  def snapshot_state(self) -> Mapping[str, Any]:
+    """``{'train_state': ...}``, for jaxline's checkpointer."""
+    return {"train_state": self._train_state}
+
+  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
+    """Puts a restored ``snapshot_state()`` tree back with the state's shardings."""
+    state = snapshot_state["train_state"]
+    self._train_state = jax.device_put(state, self._shardings(state))
+
+  def initialize_train_step_rng(self, rng: jax.Array) -> jax.Array:
+    """Returns ``rng`` unchanged (jaxline's default splits it per device with pmap)."""
+    return rng
+
+  def _evaluate_at_end(self) -> bool:
+    return True
+
+  def train_loop(self, config, state, periodic_actions, writer=None):
+    """jaxline's loop without its pmap: integer steps, console progress with steps/s and ETA,
+    evaluation at the end (also when no step is left to run)."""
+    start_step = int(state.global_step)
+    total = config.training_steps
+    log_every = max(1, self.config.log_every_steps)
+    t0 = time.time()
+    while self.should_run_step(int(state.global_step), config):
+      step = int(state.global_step)
+      scalars = self.step(global_step=step, rng=None, writer=writer)
+      state.global_step = step + 1
+      for action in periodic_actions:
+        action(time.time(), state.global_step, scalars)
+      done = step + 1
+      if done == start_step + 1:  # Rates exclude the first step, which compiles.
+        t0 = time.time()
+      if done % log_every == 0 or done == total or done == start_step + 1:
+        if done == start_step + 1:
+          speed = "compiled"
+        else:
+          rate = (done - start_step - 1) / max(time.time() - t0, 1e-9)
+          speed = f"{rate:.2f} steps/s | ETA {format_duration((total - done) / rate)}"
+        print(f"[{self._PROGRESS_PREFIX}] step {done}/{total} | {speed} | "
+              f"{self._progress(scalars)}", flush=True)
+    if self._evaluate_at_end():
+      results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)
+      if writer is not None:
+        writer.write_scalars(int(state.global_step), results)
+      self._report(results)
+
+
+class Experiment(MeshExperiment):
+  """SemPPL pre-training (see the module docstring)."""
 
   def __init__(self, mode: str, init_rng: jax.Array, config: config_dict.ConfigDict):
     super().__init__(mode=mode, init_rng=init_rng)
@@ -341,8 +403,9 @@ class Experiment(jaxline_experiment.AbstractExperiment):
   # --- state -----------------------------------------------------------------------------------
 
   def _shardings(self, state: PyTree) -> PyTree:
+    """Replicated, except the queues: sharded along their entries."""
+    shardings = super()._shardings(state)
     replicated = parallel.replicated_sharding(self._mesh)
-    shardings = jax.tree_util.tree_map(lambda _: replicated, state)
     shardings["queue"] = {
         "embeddings": NamedSharding(self._mesh, P(None, "data", None)),
         "labels": NamedSharding(self._mesh, P(None, "data")),
@@ -380,17 +443,6 @@ class Experiment(jaxline_experiment.AbstractExperiment):
         "queue": queue._asdict(),
     }
     return jax.device_put(state, self._shardings(state))
-
-  def snapshot_state(self) -> Mapping[str, Any]:
-    return {"train_state": self._train_state}
-
-  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
-    state = snapshot_state["train_state"]
-    self._train_state = jax.device_put(state, self._shardings(state))
-
-  def initialize_train_step_rng(self, rng: jax.Array) -> jax.Array:
-    # Step keys come from fold_in(root, step) in `step`; jaxline's per-device keys are unused.
-    return rng
 
   # --- training ---------------------------------------------------------------------------------
 
@@ -542,34 +594,14 @@ class Experiment(jaxline_experiment.AbstractExperiment):
     self._recent = (self._recent + [scalars])[-max(1, self.config.log_every_steps):]
     return scalars
 
-  def train_loop(self, config, state, periodic_actions, writer=None):
-    """jaxline's loop without its pmap: integer steps, console progress, evaluation at the end."""
-    start_step = int(state.global_step)
-    total = config.training_steps
-    log_every = max(1, self.config.log_every_steps)
-    t0 = time.time()
-    while self.should_run_step(int(state.global_step), config):
-      step = int(state.global_step)
-      scalars = self.step(global_step=step, rng=None, writer=writer)
-      state.global_step = step + 1
-      for action in periodic_actions:
-        action(time.time(), state.global_step, scalars)
-      done = step + 1
-      if done == start_step + 1:  # Rates exclude the first step, which compiles.
-        t0 = time.time()
-      if done % log_every == 0 or done == total or done == start_step + 1:
-        shown = " | ".join(f"{k} {scalars[k]:.4g}" for k in _PROGRESS_KEYS if k in scalars)
-        if done == start_step + 1:
-          speed = "compiled"
-        else:
-          rate = (done - start_step - 1) / max(time.time() - t0, 1e-9)
-          speed = f"{rate:.2f} steps/s | ETA {_fmt_time((total - done) / rate)}"
-        print(f"[train] step {done}/{total} | {speed} | {shown}", flush=True)
-    if self.config.evaluate_at_end:
-      results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)
-      if writer is not None:
-        writer.write_scalars(int(state.global_step), results)
-      _print_results(results, self.config)
+  def _evaluate_at_end(self) -> bool:
+    return self.config.evaluate_at_end
+
+  def _progress(self, scalars: Mapping[str, float]) -> str:
+    return " | ".join(f"{k} {scalars[k]:.4g}" for k in _PROGRESS_KEYS if k in scalars)
+
+  def _report(self, results: Mapping[str, float]) -> None:
+    _print_results(results, self.config)
 
   # --- evaluation -------------------------------------------------------------------------------
 
@@ -648,7 +680,8 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values.astype(jnp.float32) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _fmt_time(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+  """Seconds as '12m05s' or '3h07m' (progress lines)."""
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
       f"{seconds // 60}m{seconds % 60:02d}s")
