@@ -501,11 +501,11 @@ class Experiment(MeshExperiment):
     else:
       predictions = pred_l
     predictions = predictions.reshape((L + S, B) + predictions.shape[1:])
-    online = _l2_normalize(predictions)
+    online = losses.l2_normalize(predictions)
 
     target_proj, target_state = nets.target.apply(
         state["target_params"], state["target_state"], None, flat(large), True)
-    target_proj = jax.lax.stop_gradient(_l2_normalize(target_proj.reshape(L, B, -1)))
+    target_proj = jax.lax.stop_gradient(losses.l2_normalize(target_proj.reshape(L, B, -1)))
 
     # Pseudo-labels from the queues as they were before this step's enqueue.
     queue = queue_lib.Queue(**state["queue"])
@@ -614,7 +614,7 @@ class Experiment(MeshExperiment):
       images = augmentations.normalize(preprocess(images))
       (embedding, _, prediction), _ = nets.online.apply(params, state, None, images, False)
       logits = nets.classifier.apply(classifier_params, None, embedding)
-      return _l2_normalize(embedding), _l2_normalize(prediction), logits
+      return losses.l2_normalize(embedding), losses.l2_normalize(prediction), logits
 
     return jax.jit(embed, in_shardings=(replicated, replicated, replicated, data),
                    out_shardings=(data, data, data))
@@ -669,10 +669,6 @@ class Experiment(MeshExperiment):
 
 _PROGRESS_KEYS = ("loss", "augm_contrastive", "semantic_contrastive", "augm_invariance",
                   "probe_loss", "pseudo_label_accuracy", "queue_fill", "learning_rate")
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
