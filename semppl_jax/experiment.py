@@ -446,7 +446,7 @@ class Experiment(MeshExperiment):
 
   # --- training ---------------------------------------------------------------------------------
 
-  def _loss_and_metrics(self, online_params, classifier_params, state, batch, key, step):
+  def _loss_and_metrics(self, online_params, classifier_params, state, batch, key):
     """The objective for one step. Returns (loss, (aux, new_online_state, target_out))."""
     c = self.config
     nets = self._nets
@@ -547,7 +547,7 @@ class Experiment(MeshExperiment):
       key = jax.random.fold_in(self._root_key, step)
       grad_fn = jax.value_and_grad(self._loss_and_metrics, argnums=(0, 1), has_aux=True)
       (_, (aux, online_state, target_out)), (grads, classifier_grads) = grad_fn(
-          state["online_params"], state["classifier_params"], state, batch, key, step)
+          state["online_params"], state["classifier_params"], state, batch, key)
       updates, opt_state = self._optimizer.update(grads, state["opt_state"],
                                                   state["online_params"])
       online_params = optax.apply_updates(state["online_params"], updates)
@@ -659,7 +659,9 @@ class Experiment(MeshExperiment):
         pseudo = knn.pseudo_labels(queries, queue, k=c.semppl.knn_k,
                                    num_classes=c.data.num_classes)
         results["queue_knn_top1"] = correct(pseudo)
-    for key in ("pseudo_label_accuracy", "semantic_positive_purity"):
+    monitors = {"semppl": ("pseudo_label_accuracy", "semantic_positive_purity"),
+                "relic": ("pseudo_label_accuracy",)}.get(c.objective, ())
+    for key in monitors:
       values = [r[key] for r in self._recent if key in r]
       if values:
         results[f"train_{key}"] = float(np.mean(values))
