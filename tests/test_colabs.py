@@ -262,7 +262,9 @@ def test_train_on_your_data_notebook(kernel_dir, tmp_path):
   assert _num_pngs(nb) >= 1
 
   results = ast.literal_eval(re.search(r"evaluation: (\{.*\})", text).group(1))
+  # The training monitors come with the evaluation when steps were run through .step().
   assert set(results) == {"probe_top1", "knn_top1_k20", "knn_top1_k200", "queue_knn_top1",
+                          "train_pseudo_label_accuracy", "train_semantic_positive_purity",
                           "global_step"}
   assert results["global_step"] == steps
   assert all(0.0 <= results[k] <= 1.0 for k in results if k != "global_step")
