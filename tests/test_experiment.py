@@ -171,3 +171,21 @@ def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experime
   # The monitor that reads them does change (it is their only reader).
   assert aux_a["pseudo_label_coverage"] == 1.0
   assert aux_a["pseudo_label_accuracy"] != aux_b["pseudo_label_accuracy"]
+
+
+def test_imagenet_data_path_trains_and_evaluates_on_mock_data():
+  """The experiment's ImageNet branch (tf.data batches, tfds eval splits) on tfds mock data."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.data.update(dict(dataset="imagenet", num_classes=1000, image_size=32,
+                          knn_bank_split="train", label_percent=10))
+  config.views.update(dict(large_size=16, small_size=8))
+  config.evaluation.update(dict(batch_size=32, max_examples=0))
+  with tfds.testing.mock_data(num_examples=64):
+    exp = experiment.Experiment("train", jax.random.PRNGKey(0), config)
+    scalars = [exp.step(global_step=s, rng=None) for s in range(2)]
+    results = exp.evaluate(global_step=2, rng=None)
+  assert all(np.isfinite(s["loss"]) for s in scalars)
+  assert scalars[1]["queue_fill"] == 8 / 64  # Measured before that step's enqueue.
+  for key in ("probe_top1", "knn_top1_k5", "queue_knn_top1"):
+    assert 0.0 <= results[key] <= 1.0
