@@ -31,8 +31,14 @@ evaluation.) The full 1000-step demo encoder was not measured here (its numbers 
 BENCHMARKS.md). The linear head on the frozen tiny encoder's raw features is poorly
 conditioned, so linear sits below kNN here.
 """
-from jaxline import base_config
+import os
+import sys
+
 from ml_collections import config_dict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import launch_config  # pylint: disable=g-import-not-at-top
 
 
 def get_experiment_config(training_steps, protocol):
@@ -89,22 +95,12 @@ def get_experiment_config(training_steps, protocol):
 
 def get_config():
   """The jaxline launch config."""
-  config = base_config.get_base_config()
-  config.experiment_class = "eval"
   steps = config_dict.FieldReference(300)
   protocol = config_dict.FieldReference("fine_tune")
-  config.training_steps = steps
-  config.random_seed = 0
-  config.interval_type = "steps"
-  config.log_train_data_interval = 25
-  config.log_tensors_interval = 100
-  config.save_checkpoint_interval = 100
-  config.max_checkpoints_to_keep = 2
   # One directory per protocol: jaxline resumes from whatever it finds there, and a checkpoint of
   # another protocol (or of the pre-training) has a different train state.
-  config.checkpoint_dir = "runs/fashion_mnist_eval_" + protocol
-  config.train_checkpoint_all_hosts = True  # Orbax saves are collective.
-  config.experiment_kwargs = config_dict.ConfigDict(
-      dict(config=get_experiment_config(steps, protocol)))
-  config.lock()
-  return config
+  return launch_config.launch_config(
+      experiment_class="eval", training_steps=steps,
+      checkpoint_dir="runs/fashion_mnist_eval_" + protocol,
+      experiment_config=get_experiment_config(steps, protocol), log_interval=25,
+      save_interval=100)

@@ -33,79 +33,55 @@ are starting points to tune, not the paper's unpublished schedule; linear and kN
 not reported in the paper. kNN's bank here is `data.knn_bank_split` of `imagenet2012` (a slice of
 the train split standing in for the labelled subset).
 """
-from jaxline import base_config
+import os
+import sys
+
 from ml_collections import config_dict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import eval_fashion_mnist  # pylint: disable=g-import-not-at-top
+from experiments import launch_config  # pylint: disable=g-import-not-at-top
 
 
 def get_experiment_config(training_steps, protocol):
-  """The experiment's own config (``experiment_kwargs.config``)."""
-  return config_dict.ConfigDict(dict(
-      protocol=protocol,                 # 'fine_tune' | 'linear' | 'knn'
-      training_steps=training_steps,
-      checkpoint=dict(
-          source="release",              # 'pretrain' | 'release' | 'none'
-          path="",                       # required: the released .pkl
-          encoder_prefix="",             # '' = detect (res_net50)
-      ),
-      data=dict(
-          dataset="imagenet",
-          data_dir="",                   # '' = tfds' default data directory
-          label_percent=1,               # 1 or 10: imagenet2012_subset/{1,10}pct
-          num_classes=1000,
-          image_size=224,
-          batch_size=1024,               # labelled images per step (global)
-          seed=0,
-          labelled_dir="",
-          test_dir="",
-          knn_bank_split="train[:1%]",   # kNN bank (labelled images) for protocol='knn'
-      ),
-      network=dict(
-          encoder="resnet50",
-          width_multiplier=1,
-          small_images=False,
-          compute_dtype="float32",       # 'bfloat16' for speed on TPU / GPU
-      ),
-      augmentation=dict(
-          crop_size=224,
-          crop_scale=(0.08, 1.0),
-          flip=True,
-      ),
-      optimizer=dict(
-          # For a batch of 256, scaled by batch_size / 256 (x4 at 1024), cosine to 0.
-          encoder_base_learning_rate=0.005,  # fine_tune only
-          head_base_learning_rate=0.05,
-          momentum=0.9,
-          nesterov=True,
-          weight_decay=1e-6,
-          warmup_steps=0,
-      ),
-      evaluation=dict(
-          batch_size=1024,
-          max_examples=0,                # 0 = all 50,000 validation images
-          knn_ks=(20, 200),
-          knn_temperature=0.07,
-      ),
-      log_every_steps=50,
-  ))
+  """The experiment's own config: the Fashion-MNIST schema with ImageNet values."""
+  c = eval_fashion_mnist.get_experiment_config(training_steps, protocol)
+  c.checkpoint.update(dict(
+      source="release",              # 'pretrain' | 'release' | 'none'
+      path="",                       # required: the released .pkl
+      encoder_prefix=""))            # '' = detect (res_net50)
+  c.data.update(dict(
+      dataset="imagenet",
+      data_dir="",                   # '' = tfds' default data directory
+      label_percent=1,               # 1 or 10: imagenet2012_subset/{1,10}pct
+      num_classes=1000, image_size=224,
+      batch_size=1024,               # labelled images per step (global)
+      knn_bank_split="train[:1%]"))  # kNN bank (labelled images) for protocol='knn'
+  c.network.update(dict(
+      encoder="resnet50", width_multiplier=1, small_images=False,
+      compute_dtype="float32"))      # 'bfloat16' for speed on TPU / GPU
+  c.augmentation.update(dict(crop_size=224, crop_scale=(0.08, 1.0), flip=True))
+  c.optimizer.update(dict(
+      # For a batch of 256, scaled by batch_size / 256 (x4 at 1024), cosine to 0.
+      encoder_base_learning_rate=0.005,  # fine_tune only
+      head_base_learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=1e-6,
+      warmup_steps=0))
+  c.evaluation.update(dict(
+      batch_size=1024,
+      max_examples=0,                # 0 = all 50,000 validation images
+      knn_ks=(20, 200), knn_temperature=0.07))
+  c.log_every_steps = 50
+  return c
 
 
 def get_config():
   """The jaxline launch config."""
-  config = base_config.get_base_config()
-  config.experiment_class = "eval"
   steps = config_dict.FieldReference(750)
   protocol = config_dict.FieldReference("fine_tune")
-  config.training_steps = steps
-  config.random_seed = 0
-  config.interval_type = "steps"
-  config.log_train_data_interval = 50
-  config.log_tensors_interval = 100
-  config.save_checkpoint_interval = 500
-  config.max_checkpoints_to_keep = 2
   # One directory per protocol: jaxline resumes from whatever it finds there.
-  config.checkpoint_dir = "runs/imagenet_eval_" + protocol
-  config.train_checkpoint_all_hosts = True  # Orbax saves are collective.
-  config.experiment_kwargs = config_dict.ConfigDict(
-      dict(config=get_experiment_config(steps, protocol)))
-  config.lock()
-  return config
+  return launch_config.launch_config(
+      experiment_class="eval", training_steps=steps,
+      checkpoint_dir="runs/imagenet_eval_" + protocol,
+      experiment_config=get_experiment_config(steps, protocol), log_interval=50,
+      save_interval=500)

@@ -14,8 +14,14 @@ Variants:
     --config.experiment_kwargs.config.data.label_percent=1
     --config.training_steps=2000 --config.checkpoint_dir=runs/fmnist_long
 """
-from jaxline import base_config
+import os
+import sys
+
 from ml_collections import config_dict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments import launch_config  # pylint: disable=g-import-not-at-top
 
 
 def get_experiment_config(training_steps):
@@ -91,20 +97,7 @@ def get_experiment_config(training_steps):
 
 def get_config():
   """The jaxline launch config."""
-  config = base_config.get_base_config()
-  config.experiment_class = "pretrain"
   steps = config_dict.FieldReference(1000)
-  config.training_steps = steps
-  config.random_seed = 0
-  config.interval_type = "steps"
-  config.log_train_data_interval = 25
-  config.log_tensors_interval = 100
-  config.save_checkpoint_interval = 200
-  config.max_checkpoints_to_keep = 2
-  config.checkpoint_dir = "runs/fashion_mnist"
-  # Orbax saves are collective: every host takes part in every save.
-  config.train_checkpoint_all_hosts = True
-  config.experiment_kwargs = config_dict.ConfigDict(
-      dict(config=get_experiment_config(steps)))
-  config.lock()
-  return config
+  return launch_config.launch_config(
+      experiment_class="pretrain", training_steps=steps, checkpoint_dir="runs/fashion_mnist",
+      experiment_config=get_experiment_config(steps), log_interval=25, save_interval=200)

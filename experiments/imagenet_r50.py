@@ -7,30 +7,19 @@ target EMA from 0.996, 300 epochs. Data: tfds `imagenet2012` (all train images, 
 `imagenet2012_subset/1pct` or `/10pct` (labelled), prepared beforehand in `data.data_dir`
 (manual download, see the tfds catalogue).
 """
-from jaxline import base_config
 from ml_collections import config_dict
 
 from experiments import fashion_mnist
+from experiments import launch_config
 
 _TRAIN_IMAGES = 1_281_167
 
 
 def get_config(label_percent: int):
   """The jaxline launch config for SemPPL ResNet-50 1x with `label_percent` % labels."""
-  config = base_config.get_base_config()
-  config.experiment_class = "pretrain"
   batch_size, epochs = 4096, 300
   steps_per_epoch = _TRAIN_IMAGES // batch_size
   steps = config_dict.FieldReference(epochs * steps_per_epoch)
-  config.training_steps = steps
-  config.random_seed = 0
-  config.interval_type = "steps"
-  config.log_train_data_interval = 100
-  config.log_tensors_interval = 500
-  config.save_checkpoint_interval = 2000
-  config.max_checkpoints_to_keep = 3
-  config.checkpoint_dir = f"runs/imagenet_r50_{label_percent}pct"
-  config.train_checkpoint_all_hosts = True  # Orbax saves are collective.
 
   c = fashion_mnist.get_experiment_config(steps)
   c.data.update(dict(
@@ -38,7 +27,9 @@ def get_config(label_percent: int):
       image_size=224, labelled_batch_size=batch_size // 8,
       unlabelled_batch_size=batch_size - batch_size // 8, knn_bank_split="train[:10%]"))
   c.views.update(dict(num_large=4, num_small=2, large_size=224, small_size=96,
-                      large_scale=(0.08, 1.0), small_scale=(0.05, 0.14)))
+                      large_scale=(0.08, 1.0), small_scale=(0.05, 0.14),
+                      blur_probability=(1.0, 0.1), solarize_probability=(0.0, 0.2),
+                      blur_sigma_range=(0.1, 2.0)))  # BYOL's presets at ImageNet scale.
   c.network.update(dict(encoder="resnet50", width_multiplier=1, small_images=False,
                         compute_dtype="bfloat16", projector_hidden_size=4096,
                         projection_size=256, predictor_hidden_size=4096))
@@ -50,6 +41,7 @@ def get_config(label_percent: int):
   c.evaluation.update(dict(batch_size=1024, knn_ks=(20, 200), knn_temperature=0.07,
                            max_examples=0))
   c.log_every_steps = 100
-  config.experiment_kwargs = config_dict.ConfigDict(dict(config=c))
-  config.lock()
-  return config
+  return launch_config.launch_config(
+      experiment_class="pretrain", training_steps=steps,
+      checkpoint_dir=f"runs/imagenet_r50_{label_percent}pct", experiment_config=c,
+      log_interval=100, save_interval=2000, max_checkpoints_to_keep=3)
