@@ -6,8 +6,7 @@ Launch (what README's first command runs):
     # = python experiments/launch.py --config=experiments/fashion_mnist.py
 
 Runtime: about 13 minutes on an idle 2-core machine (1000 steps at 1.46 steps/s; jax 0.10.2,
-x86-64), up to 17 minutes with
-other jobs on the cores. Expected end-of-training numbers (BENCHMARKS.md, row "semppl, k = 5"):
+x86-64), up to 17 minutes with other jobs on the cores. Expected end-of-training numbers (BENCHMARKS.md, row "semppl, k = 5"):
 weighted kNN top-1 (k=20) ≈ 80.4 %, online probe ≈ 74.6 %, queue-kNN ≈ 71 %, pseudo-label
 accuracy ≈ 70 %. The comparison with ReLIC-only and a supervised baseline is in BENCHMARKS.md.
 
