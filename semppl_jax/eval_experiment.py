@@ -46,7 +46,6 @@ momentum, nesterov, weight_decay, warmup_steps}``;
 ``evaluation.{batch_size, max_examples (0 = whole test split; else its first examples only),
 knn_ks, knn_temperature}``.
 """
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import haiku as hk

@@ -15,12 +15,9 @@ Objectives (``config.objective``):
 * ``'relic'``: the same without semantic positives (ReLICv2-style contrastive + invariance);
 * ``'supervised'``: encoder + linear head trained with cross-entropy on the labelled images only.
 """
-import functools
-import math
 import time
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Tuple
 
-from absl import logging
 import haiku as hk
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
