@@ -8,9 +8,10 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# Reinstall only when requirements.txt changed since the last successful install.
+# Reinstall only when requirements.txt or the package metadata (pyproject.toml) changed since
+# the last successful install.
 stamp=.venv/.requirements.sha256
-want=$(sha256sum requirements.txt setup.py | sha256sum | cut -d' ' -f1)
+want=$(sha256sum requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
