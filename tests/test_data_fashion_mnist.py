@@ -173,3 +173,39 @@ def test_dataset_info():
   assert info.dataset_info("imagenet2012") == info.dataset_info("imagenet")
   with pytest.raises(ValueError, match="fashion_mnist"):
     info.dataset_info("cifar10")
+
+
+@needs_idx
+@pytest.mark.parametrize("hold_out", [False, True])
+def test_semi_supervised_pools_and_validation_hold_out(train, hold_out):
+  images, labels = train
+  batches = fashion_mnist.fashion_mnist_semi_supervised(
+      1, labelled_batch_size=600, unlabelled_batch_size=1000, seed=0,
+      hold_out_validation=hold_out)
+  assert batches.num_labelled == 600
+  assert batches.num_unlabelled == (55_000 if hold_out else 60_000)
+  val = fashion_mnist.splits.load_validation_split("fashion_mnist")
+  labelled = fashion_mnist.splits.load_label_split("fashion_mnist", 1)
+  lab_idx, _ = batches.indices(0)
+  batch = batches(0)
+  # The labelled stream is the committed split (one epoch in one batch of 600).
+  np.testing.assert_array_equal(np.sort(lab_idx), np.arange(600))
+  np.testing.assert_array_equal(batch["labels"], labels[labelled][lab_idx])
+  # Unlabelled images: with the hold-out, none is a validation image (compare pixels: the
+  # pool is re-indexed).
+  val_rows = {images[i].tobytes() for i in val}
+  hits = sum(im.tobytes() in val_rows for im in batch["unlabelled_images"])
+  assert (hits == 0) if hold_out else (hits > 0)
+
+
+@needs_idx
+def test_semi_supervised_refuses_a_split_that_does_not_match(tmp_path):
+  # Same images, labels of another dataset: the committed split's checksum no longer matches.
+  for name in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+               "t10k-labels-idx1-ubyte.gz"):
+    shutil.copy(os.path.join(DATA_DIR, name), tmp_path / name)
+  _, labels = fashion_mnist.load_fashion_mnist("train")
+  _write(tmp_path / "train-labels-idx1-ubyte.gz", _idx_bytes(np.roll(labels, 1)))
+  with pytest.raises(ValueError, match="labels differ from those the fashion_mnist 1% split"):
+    fashion_mnist.fashion_mnist_semi_supervised(
+        1, labelled_batch_size=2, unlabelled_batch_size=2, seed=0, data_dir=str(tmp_path))

@@ -17,12 +17,18 @@ from semppl_jax.data.batching import iterate
 from semppl_jax.data.batching import semi_supervised_batch
 from semppl_jax.data.batching import SemiSupervisedBatches
 from semppl_jax.data.fashion_mnist import fashion_mnist_semi_supervised
+from semppl_jax.data.fashion_mnist import fashion_mnist_validation
 from semppl_jax.data.fashion_mnist import load_fashion_mnist
+from semppl_jax.data.fashion_mnist import write_fashion_mnist_split_files
 from semppl_jax.data.info import dataset_info
 from semppl_jax.data.info import DatasetInfo
+from semppl_jax.data.splits import check_split_matches_labels
 from semppl_jax.data.splits import load_label_split
+from semppl_jax.data.splits import load_validation_split
 from semppl_jax.data.splits import make_label_split
-from semppl_jax.data.splits import write_fashion_mnist_split_files
+from semppl_jax.data.splits import make_validation_split
+from semppl_jax.data.splits import train_indices_without
+from semppl_jax.data.splits import validate_label_split
 
 # Names that live in TensorFlow-importing modules: name -> module.
 _LAZY = {

@@ -14,10 +14,17 @@ import zlib
 
 import numpy as np
 
+from semppl_jax.data import batching
+from semppl_jax.data import splits
+
 DEFAULT_DATA_DIR = "/usr/share/datasets/fashion-mnist"
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
+# Percentages of the committed label splits, and the committed validation split's size: 500
+# train images per class, disjoint from both label splits.
+LABEL_PERCENTS = (1, 10)
+VALIDATION_SIZE = 5_000
 # IDX file stems per split (the original distribution's names).
 _FILE_STEMS = {"train": "train", "test": "t10k"}
 # IDX magic: two zero bytes, the element type (0x08 = unsigned byte), the number of dimensions.
@@ -155,14 +162,71 @@ def _check_split(split: str) -> None:
     raise ValueError(f"split must be one of {sorted(NUM_EXAMPLES)}, got {split!r}")
 
 
+def write_fashion_mnist_split_files(output_dir: str | None = None, *,
+                                    data_dir: str = DEFAULT_DATA_DIR,
+                                    percents: tuple[int, ...] = LABEL_PERCENTS,
+                                    seed: int = splits.DEFAULT_SEED,
+                                    validation_size: int | None = VALIDATION_SIZE,
+                                    validation_seed: int = splits.VALIDATION_SEED
+                                    ) -> list[str]:
+  """Regenerates the committed Fashion-MNIST split files from the train labels.
+
+  Args:
+    output_dir: where to write; defaults to the package's `splits/` folder.
+    data_dir: Fashion-MNIST IDX folder (default: the Debian package's).
+    percents: which label splits to write.
+    seed: label split selection seed.
+    validation_size: size of the validation split, disjoint from all `percents` splits;
+      None writes none.
+    validation_seed: its selection seed.
+
+  Returns:
+    The paths written: one per percent, then the validation file.
+  """
+  if output_dir is None:
+    output_dir = splits.default_splits_dir()
+  _, labels = load_fashion_mnist("train", data_dir)
+  records = [splits.label_split_record("fashion_mnist", labels, p, seed, NUM_CLASSES)
+             for p in percents]
+  if validation_size is not None:
+    records.append(splits.validation_split_record(
+        "fashion_mnist", labels, validation_size, validation_seed, NUM_CLASSES, records))
+  return [splits.write_split_file(r, output_dir) for r in records]
+
+
+def fashion_mnist_validation(data_dir: str = DEFAULT_DATA_DIR
+                             ) -> tuple[np.ndarray, np.ndarray]:
+  """The committed validation split: held-out Fashion-MNIST *train* images.
+
+  Use it (not the test split) to choose hyper-parameters, together with
+  `fashion_mnist_semi_supervised(..., hold_out_validation=True)` so that the held-out images
+  never reach training.
+
+  Args:
+    data_dir: the IDX folder.
+
+  Returns:
+    images uint8 `[5000, 28, 28, 1]`, labels int32 `[5000]` (500 per class).
+
+  Raises:
+    ValueError: the split file fails its checks or does not match the loaded labels.
+  """
+  images, labels = load_fashion_mnist("train", data_dir)
+  indices = splits.load_validation_split("fashion_mnist", labels)
+  return images[indices], labels[indices]
+
+
 def fashion_mnist_semi_supervised(percent: int, *, labelled_batch_size: int,
                                   unlabelled_batch_size: int, seed: int,
                                   process_index: int = 0, process_count: int = 1,
-                                  data_dir: str = DEFAULT_DATA_DIR):
+                                  data_dir: str = DEFAULT_DATA_DIR,
+                                  hold_out_validation: bool = False
+                                  ) -> batching.SemiSupervisedBatches:
   """Semi-supervised Fashion-MNIST batches with a committed label split.
 
   Labelled images are the train images selected by `load_label_split('fashion_mnist',
-  percent)`; the unlabelled pool is the whole train split (labelled images included), with its
+  percent)` (checked against the loaded labels); the unlabelled pool is the whole train split
+  (labelled images included), minus the validation split if `hold_out_validation`, with its
   true labels kept as hidden `unlabelled_labels` for monitoring only.
 
   Args:
@@ -172,21 +236,27 @@ def fashion_mnist_semi_supervised(percent: int, *, labelled_batch_size: int,
     seed: data-order seed.
     process_index, process_count: this host and the number of hosts.
     data_dir: the IDX folder.
+    hold_out_validation: remove the 5,000 validation images from the unlabelled pool (they
+      are never labelled anyway), leaving 55,000.
 
   Returns:
     a `SemiSupervisedBatches`: call it with a step, or `.iterate(start_step)`; batches have
     `labelled_images` uint8 `[b_l, 28, 28, 1]`, `labels` int32 `[b_l]`, `unlabelled_images`
     uint8 `[b_u, 28, 28, 1]`, `unlabelled_labels` int32 `[b_u]`.
+
+  Raises:
+    ValueError: a split file that fails its checks or does not match the loaded labels.
   """
-  # Imported here so the IDX reader stays usable on its own.
-  from semppl_jax.data import batching, splits  # pylint: disable=g-import-not-at-top
   images, labels = load_fashion_mnist("train", data_dir)
-  record = splits.read_label_split_record("fashion_mnist", percent)
-  splits.check_split_matches_labels(record, labels)
-  indices = np.asarray(record["indices"], dtype=np.int64)
+  indices = splits.load_label_split("fashion_mnist", percent, labels)
+  unlabelled_images, unlabelled_labels = images, labels
+  if hold_out_validation:
+    keep = splits.train_indices_without(
+        labels.shape[0], splits.load_validation_split("fashion_mnist", labels))
+    unlabelled_images, unlabelled_labels = images[keep], labels[keep]
   return batching.SemiSupervisedBatches(
       labelled_images=images[indices], labelled_labels=labels[indices],
-      unlabelled_images=images, unlabelled_labels=labels,
+      unlabelled_images=unlabelled_images, unlabelled_labels=unlabelled_labels,
       labelled_batch_size=labelled_batch_size, unlabelled_batch_size=unlabelled_batch_size,
       seed=seed, process_index=process_index, process_count=process_count,
       num_classes=NUM_CLASSES)
