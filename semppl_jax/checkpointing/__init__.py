@@ -1,0 +1,39 @@
+"""Checkpoints: the released SemPPL pickles (safe reader, verifier, writer) and Orbax on disk.
+
+One concern per module; every public name is re-exported here, so
+``from semppl_jax import checkpointing; checkpointing.X`` is the public interface (DESIGN.md §4):
+
+* :mod:`.errors`: :class:`CheckpointError` (a ``ValueError``) raised for every bad checkpoint.
+* :mod:`.unpickler`: the allow-list unpickler (:data:`ALLOWED_GLOBALS`), which never imports a
+  module named by the file and bounds the memory / nesting a hostile file can make it use.
+* :mod:`.release`: the release ``.pkl`` format (:func:`load_released_checkpoint`,
+  :func:`verify_released_checkpoint`, :func:`export_release_checkpoint` ...).
+* :mod:`.training`: Orbax training checkpoints (:func:`save_state`, :func:`restore_latest`,
+  :class:`OrbaxCheckpointer` for jaxline ...).
+"""
+from semppl_jax.checkpointing.errors import CheckpointError
+from semppl_jax.checkpointing.release import CheckpointReport
+from semppl_jax.checkpointing.release import expected_tree
+from semppl_jax.checkpointing.release import export_release_checkpoint
+from semppl_jax.checkpointing.release import load_released_checkpoint
+from semppl_jax.checkpointing.release import load_released_checkpoint_full
+from semppl_jax.checkpointing.release import ModuleTree
+from semppl_jax.checkpointing.release import ReleasedCheckpoint
+from semppl_jax.checkpointing.release import verify_checkpoint_tree
+from semppl_jax.checkpointing.release import verify_released_checkpoint
+from semppl_jax.checkpointing.training import ExperimentState
+from semppl_jax.checkpointing.training import latest_step
+from semppl_jax.checkpointing.training import newest_checkpoint_dir
+from semppl_jax.checkpointing.training import OrbaxCheckpointer
+from semppl_jax.checkpointing.training import read_experiment_snapshot
+from semppl_jax.checkpointing.training import restore_latest
+from semppl_jax.checkpointing.training import save_state
+from semppl_jax.checkpointing.unpickler import ALLOWED_GLOBALS
+
+__all__ = [
+    "ALLOWED_GLOBALS", "CheckpointError", "CheckpointReport", "ExperimentState", "ModuleTree",
+    "OrbaxCheckpointer", "ReleasedCheckpoint", "expected_tree", "export_release_checkpoint",
+    "latest_step", "load_released_checkpoint", "load_released_checkpoint_full",
+    "newest_checkpoint_dir", "read_experiment_snapshot", "restore_latest", "save_state",
+    "verify_checkpoint_tree", "verify_released_checkpoint",
+]

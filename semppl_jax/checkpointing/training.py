@@ -1,0 +1,464 @@
+"""Orbax training checkpoints: pytrees of arrays, and a jaxline checkpointer.
+
+:func:`save_state` / :func:`restore_latest` / :func:`latest_step` store any pytree of arrays with
+Orbax (written to a temporary directory and renamed when complete, keeping the last
+``max_to_keep``). :class:`OrbaxCheckpointer` is a disk checkpointer for jaxline 0.0.8
+(``platform.main(..., checkpointer_factory=...)``) with the interface of jaxline's
+``InMemoryCheckpointer``. Orbax saves are collective: with several processes every process must
+call save (jaxline: ``train_checkpoint_all_hosts=True``).
+"""
+import logging
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from semppl_jax.checkpointing.errors import CheckpointError
+
+
+def _ocp():
+  # Imported lazily: Orbax pulls in TensorStore & co., which release-checkpoint users need not.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
+
+def _dir(directory: Any) -> str:
+  directory = os.fspath(directory)
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _check_max_to_keep(max_to_keep: Any) -> int:
+  if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+    raise ValueError(f"max_to_keep must be an int >= 1, got {max_to_keep!r}")
+  return max_to_keep
+
+
+def _savable(tree: Any, what: str) -> Any:
+  """Leaves Orbax's StandardSave accepts: jax / numpy arrays, Python int / float."""
+  def leaf(path, x):
+    if isinstance(x, (jax.Array, np.ndarray)) or (isinstance(x, (int, float))
+                                                  and not isinstance(x, bool)):
+      return x
+    if isinstance(x, (np.generic, bool)):
+      return np.asarray(x)
+    raise ValueError(f"{what}{jax.tree_util.keystr(path)}: cannot store a "
+                     f"{type(x).__name__} in an array checkpoint (arrays and numbers only)")
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _abstract(tree: Any, what: str) -> Any:
+  """Restore target: jax arrays -> ShapeDtypeStruct with their sharding; others as they are."""
+  def leaf(path, x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if isinstance(x, (np.generic, bool)):
+      return np.asarray(x)
+    if isinstance(x, (np.ndarray, int, float)):
+      return x
+    raise ValueError(f"{what}{jax.tree_util.keystr(path)}: cannot restore into a "
+                     f"{type(x).__name__} (arrays, ShapeDtypeStruct and numbers only)")
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _like_template(restored: Any, template: Any) -> Any:
+  """Gives numpy-scalar / bool leaves of the template their type back (saved as 0-d arrays)."""
+  def leaf(r, t):
+    if isinstance(t, bool):
+      return bool(r)
+    if isinstance(t, np.generic):
+      return np.asarray(r, dtype=t.dtype)[()]
+    return r
+  return jax.tree_util.tree_map(leaf, restored, template)
+
+
+def _manager(directory: str, max_to_keep: int | None = None, *, save_async: bool = False,
+             read_only: bool = False):
+  ocp = _ocp()
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=save_async, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def save_state(directory: Any, step: int, state_tree: Any, *, max_to_keep: int) -> str:
+  """Saves a pytree of arrays as Orbax checkpoint ``step`` under ``directory``.
+
+  Orbax writes into a temporary directory and renames it when complete, so a crash never
+  leaves a half-written checkpoint behind; only the newest ``max_to_keep`` steps are kept.
+  Shardings are recorded; restore onto the same or another layout with :func:`restore_latest`.
+  Returns after the checkpoint is complete on disk.
+
+  Args:
+    directory: checkpoint root (created if missing).
+    step: int >= 0, larger than every step already saved there.
+    state_tree: pytree whose leaves are jax arrays (any sharding), numpy arrays / scalars or
+      Python numbers.
+    max_to_keep: number of newest checkpoints kept (>= 1).
+
+  Returns:
+    The directory of the new checkpoint.
+
+  Raises:
+    ValueError: bad ``step`` / ``max_to_keep``, an unsupported leaf type, or ``step`` already
+      saved (or older than the latest).
+  """
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"step must be an int >= 0, got {step!r}")
+  step = int(step)
+  tree = _savable(state_tree, "state_tree")
+  ocp = _ocp()
+  directory = _dir(directory)
+  with _manager(directory, _check_max_to_keep(max_to_keep)) as manager:
+    latest = manager.latest_step()
+    if latest is not None and step <= latest:
+      raise ValueError(f"step must be larger than the latest saved step {latest} in "
+                       f"{directory!r}, got {step}")
+    manager.save(step, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+  return os.path.join(directory, str(step))
+
+
+def latest_step(directory: Any) -> int | None:
+  """The newest complete checkpoint step under ``directory``, or None (also if it is absent)."""
+  directory = _dir(directory)
+  if "://" not in directory and not os.path.isdir(directory):
+    return None
+  with _manager(directory, read_only=True) as manager:
+    return manager.latest_step()
+
+
+def restore_latest(directory: Any, target_tree: Any) -> tuple[int, Any] | None:
+  """Restores the newest checkpoint under ``directory`` into the structure of ``target_tree``.
+
+  Args:
+    directory: checkpoint root written by :func:`save_state`.
+    target_tree: pytree with the saved structure; its leaves give each restored leaf's
+      placement: a ``jax.Array`` or ``jax.ShapeDtypeStruct(sharding=...)`` comes back as a
+      ``jax.Array`` with that sharding (a sharded queue comes back sharded), a numpy array /
+      scalar comes back as numpy, a Python number as a Python number.
+
+  Returns:
+    ``(step, tree)``, or None when there is no checkpoint.
+
+  Raises:
+    CheckpointError: the checkpoint does not match ``target_tree`` (structure or shapes).
+    ValueError: ``target_tree`` has leaves of an unsupported type.
+  """
+  step = latest_step(directory)
+  if step is None:
+    return None
+  ocp = _ocp()
+  target = _abstract(target_tree, "target_tree")
+  with _manager(_dir(directory), read_only=True) as manager:
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"checkpoint {step} in {directory!r} does not match target_tree: "
+                            f"{e}") from e
+  return step, _like_template(restored, target_tree)
+
+
+def newest_checkpoint_dir(path: Any) -> str:
+  """The newest complete checkpoint written by :class:`OrbaxCheckpointer`.
+
+  Args:
+    path: the checkpointer's root (``<checkpoint_dir>/checkpoints``; its ``latest`` series is
+      used), a series directory, or one checkpoint directory.
+
+  Returns:
+    the checkpoint directory (``.../<series>/<n>``).
+
+  Raises:
+    CheckpointError: ``path`` is not a directory or holds no complete checkpoint.
+  """
+  root = os.path.abspath(str(path))
+  if not os.path.isdir(root):
+    raise CheckpointError(f"{path!r} is not a directory; expected a run's "
+                          "'<checkpoint_dir>/checkpoints' (e.g. runs/fashion_mnist/checkpoints).")
+  if os.path.isdir(os.path.join(root, _MODULE_KEY)):
+    return root
+  series = os.path.join(root, "latest")
+  series = series if os.path.isdir(series) else root
+  step = latest_step(series)
+  if step is None:
+    raise CheckpointError(f"no complete checkpoint under {path!r}; expected a run's "
+                          "'<checkpoint_dir>/checkpoints' with a 'latest/<n>' checkpoint.")
+  return os.path.join(series, str(step))
+
+
+def read_experiment_snapshot(path: Any, *, select: Any = None) -> tuple[int | None, Any]:
+  """Reads an experiment's snapshot from a checkpoint written by :class:`OrbaxCheckpointer`,
+  without building the experiment (host numpy arrays, no template needed).
+
+  Args:
+    path: as for :func:`newest_checkpoint_dir`.
+    select: optional function from the snapshot's metadata tree (same structure, metadata
+      leaves) to the sub-tree to read; only that part is read from disk (partial restore).
+
+  Returns:
+    ``(global_step, snapshot)``: the jaxline global step of the checkpoint (None if absent) and
+    the experiment module's ``snapshot_state()`` tree (or the selected part) as numpy arrays.
+
+  Raises:
+    CheckpointError: no checkpoint, or ``select`` does not fit the snapshot.
+  """
+  ocp = _ocp()
+  step_dir = newest_checkpoint_dir(path)
+  item_dir = os.path.join(step_dir, _MODULE_KEY)
+  handler = ocp.PyTreeCheckpointer()
+  try:
+    tree = handler.metadata(item_dir).item_metadata.tree["value"]
+    wanted = {"value": select(tree) if select is not None else tree}
+  except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+    raise CheckpointError(f"{step_dir!r} does not hold the expected experiment snapshot "
+                          f"({type(e).__name__}: {e}).") from e
+  item = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), wanted)
+  restore_args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=select is not None))["value"]
+  global_step = None
+  meta_dir = os.path.join(step_dir, _META_ITEM)
+  if os.path.isdir(meta_dir):
+    meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
+    entry = meta.get("json", {}).get("global_step")
+    global_step = None if entry is None else int(_from_json_entry(entry))
+  return global_step, jax.tree_util.tree_map(np.asarray, restored)
+
+
+class ExperimentState:
+  """Attribute container jaxline's train/eval loops fill (``global_step``, ``experiment_module``,
+  ``train_step_rng``, ``best_eval_metric_value`` ...); one per checkpoint series."""
+
+  def __init__(self):
+    object.__setattr__(self, "_values", {})
+
+  def __getattr__(self, name: str) -> Any:
+    try:
+      return self._values[name]
+    except KeyError:
+      raise AttributeError(name) from None
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    self._values[name] = value
+
+  def __delattr__(self, name: str) -> None:
+    del self._values[name]
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._values
+
+  def __getitem__(self, name: str) -> Any:
+    return self._values[name]
+
+  def __setitem__(self, name: str, value: Any) -> None:
+    self._values[name] = value
+
+  def items(self):
+    """``(name, value)`` pairs, in assignment order."""
+    return list(self._values.items())
+
+  def keys(self):
+    """Attribute names, in assignment order."""
+    return list(self._values)
+
+  def to_dict(self) -> dict:
+    """A shallow dict copy."""
+    return dict(self._values)
+
+
+_META_ITEM = "jaxline_meta"
+_MODULE_KEY = "experiment_module"
+_SERIES_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _json_entry(value: Any) -> dict | None:
+  """JSON form of a scalar / string / None experiment-state entry; None if it is not one."""
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return {"value": value, "numpy_dtype": None}
+  if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+    return {"value": value.item(), "numpy_dtype": value.dtype.str}
+  return None
+
+
+def _from_json_entry(entry: Mapping) -> Any:
+  if entry["numpy_dtype"] is None:
+    return entry["value"]
+  return np.asarray(entry["value"], dtype=np.dtype(entry["numpy_dtype"]))[()]
+
+
+class OrbaxCheckpointer:
+  """jaxline 0.0.8 checkpointer writing Orbax checkpoints to disk (``InMemoryCheckpointer`` API).
+
+  Each ``save(series)`` writes one Orbax checkpoint ``directory/<series>/<global_step>`` (the
+  series' jaxline ``global_step``; a state without one is numbered after the newest) holding, from the series' experiment state: the experiment module's
+  ``snapshot_state()`` pytree (item ``experiment_module``), every other array-valued entry
+  (``train_step_rng`` ...) as its own item, and the scalar / string / None entries
+  (``global_step``, ``best_eval_metric_value`` ...) as JSON. Only the newest ``max_to_keep`` are
+  kept. A save at the global step of the newest checkpoint is skipped: jaxline's final save
+  repeats its last periodic one, and nothing has changed in between. ``restore(series)`` restores the newest one into the current state: the module snapshot
+  is restored with the current ``experiment_module.snapshot_state()`` as the template (so each
+  array comes back with the template's sharding and dtype) and handed to
+  ``restore_from_snapshot``; other array entries use their current value as the template, or
+  come back as host numpy arrays when the current value is None. A new checkpointer on the
+  same directory (a restarted job) sees the saved checkpoints.
+
+  Args:
+    directory: root directory (local path or an Orbax-supported URL).
+    max_to_keep: checkpoints kept per series (>= 1).
+    save_async: write in a background thread (``save`` returns after the device-to-host copy);
+      ``wait_for_checkpointing_to_finish`` waits for it.
+  """
+
+  def __init__(self, directory: Any, max_to_keep: int, save_async: bool = False):
+    self._directory = _dir(directory)
+    self._max_to_keep = _check_max_to_keep(max_to_keep)
+    self._save_async = bool(save_async)
+    self._states: dict[str, ExperimentState] = {}
+    self._managers: dict[str, Any] = {}
+
+  def _series_manager(self, series: str):
+    if not isinstance(series, str) or not _SERIES_NAME.fullmatch(series) or series in (".", ".."):
+      raise ValueError(f"ckpt_series must be a plain name ([A-Za-z0-9_.-]+), got {series!r}")
+    if series not in self._managers:
+      manager = _manager(os.path.join(self._directory, series), self._max_to_keep,
+                         save_async=self._save_async)
+      self._managers[series] = manager
+    return self._managers[series]
+
+  def get_experiment_state(self, ckpt_series: str) -> ExperimentState:
+    """The mutable experiment state of a series (created empty on first use)."""
+    self._series_manager(ckpt_series)
+    return self._states.setdefault(ckpt_series, ExperimentState())
+
+  def save(self, ckpt_series: str) -> None:
+    """Writes the series' current experiment state as a new checkpoint.
+
+    Raises:
+      ValueError: an entry cannot be stored (e.g. a string inside the module snapshot).
+    """
+    ocp = _ocp()
+    manager = self._series_manager(ckpt_series)
+    state = self.get_experiment_state(ckpt_series)
+    items, meta = {}, {"json": {}, "arrays": []}
+    for key, value in state.items():
+      if key == _MODULE_KEY:
+        value = value.snapshot_state()
+      elif (entry := _json_entry(value)) is not None:
+        meta["json"][key] = entry
+        continue
+      items[key] = ocp.args.StandardSave({"value": _savable(value, key)})
+      meta["arrays"].append(key)
+    items[_META_ITEM] = ocp.args.JsonSave(meta)
+    number = self._checkpoint_number(ckpt_series, state)
+    if number is None:
+      return
+    manager.save(number, args=ocp.args.Composite(**items))
+    if not self._save_async:
+      manager.wait_until_finished()
+    logging.info("Saved checkpoint %s/%s.", ckpt_series, number)
+
+  def _checkpoint_number(self, ckpt_series: str, state: ExperimentState) -> int | None:
+    """The directory number of the next save: the global step; None if it is already saved.
+
+    Raises:
+      CheckpointError: the global step is not an int >= 0, or older than the newest checkpoint
+        (two runs writing to one directory).
+    """
+    latest = self._managers[ckpt_series].latest_step()
+    step = state.global_step if "global_step" in state else None
+    if step is None:
+      return 0 if latest is None else latest + 1
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+      raise CheckpointError(f"{ckpt_series}: global_step must be an int >= 0 to number the "
+                            f"checkpoint, got {step!r}")
+    step = int(step)
+    if latest is not None and step == latest:
+      logging.info("Checkpoint %s/%s exists; nothing to save.", ckpt_series, step)
+      return None
+    if latest is not None and step < latest:
+      raise CheckpointError(
+          f"cannot save {ckpt_series} at global step {step}: {self._directory}/{ckpt_series} "
+          f"already holds the newer checkpoint {latest} (is another run writing there?)")
+    return step
+
+  def _latest(self, ckpt_series: str) -> int | None:
+    manager = self._series_manager(ckpt_series)
+    manager.reload()  # See checkpoints written by other checkpointers (eval vs train).
+    return manager.latest_step()
+
+  def can_be_restored(self, ckpt_series: str) -> bool:
+    """Whether the series has a complete checkpoint on disk."""
+    return self._latest(ckpt_series) is not None
+
+  def restore_path(self, ckpt_series: str) -> str | None:
+    """Directory of the newest checkpoint of the series, or None."""
+    step = self._latest(ckpt_series)
+    return None if step is None else os.path.join(self._directory, ckpt_series, str(step))
+
+  def restore(self, ckpt_series: str) -> None:
+    """Restores the newest checkpoint into the series' experiment state (see class doc).
+
+    Raises:
+      CheckpointError: no checkpoint, an entry of the current state missing from it, or a
+        module snapshot whose structure / shapes differ from the current one.
+    """
+    ocp = _ocp()
+    step = self._latest(ckpt_series)
+    if step is None:
+      raise CheckpointError(f"no checkpoint to restore in {self._directory}/{ckpt_series}")
+    manager = self._managers[ckpt_series]
+    state = self.get_experiment_state(ckpt_series)
+    meta = manager.restore(step, args=ocp.args.Composite(
+        **{_META_ITEM: ocp.args.JsonRestore()}))[_META_ITEM]
+    saved = set(meta["json"]) | set(meta["arrays"])
+    missing = [k for k in state.keys() if k not in saved]
+    if missing:
+      raise CheckpointError(f"checkpoint {ckpt_series}/{step} lacks experiment-state entries "
+                            f"{missing}; it has {sorted(saved)}")
+    templates, untargeted = {}, []
+    for key in state.keys():
+      if key not in meta["arrays"]:
+        continue
+      template = state[key].snapshot_state() if key == _MODULE_KEY else state[key]
+      if template is None:
+        untargeted.append(key)
+      else:
+        templates[key] = template
+    try:
+      restored = dict(manager.restore(step, args=ocp.args.Composite(**{
+          key: ocp.args.StandardRestore({"value": _abstract(t, key)})
+          for key, t in templates.items()})))
+      if untargeted:
+        restored.update(manager.restore(step, args=ocp.args.Composite(
+            **{key: ocp.args.StandardRestore() for key in untargeted})))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(f"checkpoint {ckpt_series}/{step} does not match the current "
+                            f"experiment state: {e}") from e
+    for key in state.keys():
+      if key in meta["json"]:
+        state[key] = _from_json_entry(meta["json"][key])
+      elif key in templates:
+        value = _like_template(restored[key]["value"], templates[key])
+        if key == _MODULE_KEY:
+          state[key].restore_from_snapshot(value)
+        else:
+          state[key] = value
+      else:
+        state[key] = jax.device_get(restored[key]["value"])
+    logging.info("Restored checkpoint %s/%s.", ckpt_series, step)
+
+  def wait_for_checkpointing_to_finish(self) -> None:
+    """Blocks until every pending (async) save is on disk."""
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the Orbax managers (the object stays usable)."""
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+      manager.close()
+    self._managers.clear()

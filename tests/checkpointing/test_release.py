@@ -1,0 +1,202 @@
+"""Tests for semppl_jax.checkpointing.release: the release format (load, verify, export)."""
+import os
+import pickle
+import warnings
+
+from checkpointing_testlib import assert_tree_equal, load_bytes, release_dict
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semppl_jax import checkpointing as ck
+
+
+def test_plain_pickle_numpy2_and_numpy1_names_load_and_forward_matches(tmp_path, r50, forward):
+  params, state = r50
+  data = pickle.dumps(release_dict(params, state), protocol=2)
+  assert b"numpy._core.multiarray\n_reconstruct" in data
+  data_np1 = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+  assert b"numpy._core" not in data_np1 and b"numpy.core.multiarray\n_reconstruct" in data_np1
+  reference = forward(params, state)
+  assert np.isfinite(reference).all() and np.std(reference) > 0
+  for blob in (data, data_np1):
+    loaded = load_bytes(tmp_path, blob)
+    assert_tree_equal(loaded.params, params)
+    assert_tree_equal(loaded.state, state)
+    assert loaded.head_params == {} and loaded.head_state == {}
+    assert loaded.step == 1234 and not loaded.replica_axis_stripped
+    np.testing.assert_array_equal(loaded.rng, np.arange(16).reshape(8, 2))
+    assert (loaded.architecture, loaded.width_multiplier) == ("resnet50", 1)
+    assert loaded.encoder_prefix == "res_net50"
+    np.testing.assert_array_equal(forward(loaded.params, loaded.state), reference)
+  assert len(params) == 106 and sum(len(v) for v in params.values()) == 159
+
+
+
+def test_replica_axis_is_stripped_taking_replica_zero(tmp_path, r50, heads, forward):
+  params, state = r50
+  # Replica 1 differs from replica 0, so taking the wrong one is caught.
+  stack = lambda tree: {m: {n: np.stack([v, v + 1]) for n, v in d.items()}
+                        for m, d in tree.items()}
+  all_params, all_state = {**params, **heads[0]}, {**state, **heads[1]}
+  data = pickle.dumps(release_dict(stack(all_params), stack(all_state)), protocol=2)
+  loaded = load_bytes(tmp_path, data)
+  assert loaded.replica_axis_stripped
+  assert_tree_equal(loaded.params, params)
+  assert_tree_equal(loaded.state, state)
+  assert_tree_equal(loaded.head_params, heads[0])
+  assert_tree_equal(loaded.head_state, heads[1])
+  counter = loaded.state["res_net50/~/initial_batchnorm/~/mean_ema"]["counter"]
+  assert counter.shape == () and counter.dtype == np.int32
+  np.testing.assert_array_equal(forward(loaded.params, loaded.state), forward(params, state))
+
+
+
+def test_load_released_checkpoint_returns_encoder_only(tmp_path, heads):
+  params = {"res_net50/~/initial_conv": {"w": np.ones((7, 7, 3, 128), np.float32)}}
+  state = {"res_net50/~/initial_batchnorm/~/mean_ema": {"counter": np.asarray(1, np.int32)}}
+  path = tmp_path / "c.pkl"
+  path.write_bytes(pickle.dumps(release_dict({**params, **heads[0]}, {**state, **heads[1]}),
+                                protocol=2))
+  got_params, got_state = ck.load_released_checkpoint(str(path))
+  assert_tree_equal(got_params, params)
+  assert_tree_equal(got_state, state)
+  full = ck.load_released_checkpoint_full(path)
+  assert full.width_multiplier == 2 and full.architecture == "resnet50"
+  assert sorted(full.head_params) == sorted(heads[0])
+
+
+
+
+def test_ambiguous_replica_axis_and_encoder_scope(tmp_path):
+  w = np.ones((3, 3, 3, 16), np.float32)
+  counter = np.ones((2,), np.int32)  # replica axis on the state only
+  blob = pickle.dumps(release_dict({"res_net18/~/initial_conv": {"w": w}},
+                               {"res_net18/~/initial_batchnorm/~/mean_ema": {"counter": counter}}),
+                      protocol=2)
+  with pytest.raises(ck.CheckpointError, match="replica axis"):
+    load_bytes(tmp_path, blob)
+  two = {"res_net18/~/initial_conv": {"w": w}, "res_net50/~/initial_conv": {"w": w}}
+  blob = pickle.dumps(release_dict(two, {}), protocol=2)
+  with pytest.raises(ck.CheckpointError, match=r"res_net18', 'res_net50'.*encoder_prefix"):
+    load_bytes(tmp_path, blob)
+  loaded = load_bytes(tmp_path, blob, encoder_prefix="res_net50")
+  assert list(loaded.params) == ["res_net50/~/initial_conv"]
+  assert list(loaded.head_params) == ["res_net18/~/initial_conv"]
+  with pytest.raises(ck.CheckpointError, match="encoder_prefix 'nope'"):
+    load_bytes(tmp_path, blob, encoder_prefix="nope")
+  # Unknown naming but a single non-head scope: that scope is the encoder.
+  tree = {"my_net/~/conv": {"w": w}, "projector/linear": {"b": w[0, 0, 0]}}
+  blob = pickle.dumps(release_dict(tree, {}), protocol=2)
+  loaded = load_bytes(tmp_path, blob)
+  assert loaded.encoder_prefix == "my_net" and loaded.architecture is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Verification.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_verify_checkpoint_tree_reports_each_difference():
+  expected_p = {"a/~/conv": {"w": (3, 3, 3, 8)}, "a/~/bn": {"scale": (1, 1, 1, 8)}}
+  expected_s = {"a/~/bn/~/mean_ema": {"counter": ()}}
+  got_p = {"a/~/conv": {"w": np.zeros((3, 3, 3, 4))}, "a/~/extra": {"b": np.zeros(2)}}
+  got_s = {"a/~/bn/~/mean_ema": {"counter": np.zeros(())}}
+  assert ck.verify_checkpoint_tree(expected_p, expected_s, expected_p, expected_s) == []
+  assert ck.verify_checkpoint_tree(got_p, got_s, expected_p, expected_s) == [
+      "params: missing a/~/bn/scale (expected shape (1, 1, 1, 8))",
+      "params: a/~/conv/w has shape (3, 3, 3, 4), expected (3, 3, 3, 8)",
+      "params: unexpected a/~/extra/b with shape (2,)",
+  ]
+  with pytest.raises(ValueError, match="params"):
+    ck.verify_checkpoint_tree({"m": 1}, {}, {}, {})
+
+
+def test_expected_tree_matches_release_counts():
+  params, state = ck.expected_tree("resnet50")
+  shapes = [sd.shape for leaves in params.values() for sd in leaves.values()]
+  assert len(shapes) == 159 and sum(int(np.prod(s)) for s in shapes) == 23_508_032
+  assert params["res_net50/~/initial_conv"]["w"].shape == (7, 7, 3, 64)
+  assert state["res_net50/~/initial_batchnorm/~/mean_ema"]["counter"].shape == ()
+  params2, _ = ck.expected_tree("resnet50", 2)
+  assert params2["res_net50/~/initial_conv"]["w"].shape == (7, 7, 3, 128)
+
+
+def test_verify_released_checkpoint(tmp_path, r50, heads):
+  params, state = r50
+  path = tmp_path / "r50.pkl"
+  ck.export_release_checkpoint(path, params, state, step=5, head_params=heads[0],
+                               head_state=heads[1])
+  report = ck.verify_released_checkpoint(path, "resnet50", 1)
+  assert report.ok and report.differences == ()
+  assert report.num_params == report.expected_num_params == 23_508_032
+  assert report.num_param_arrays == 159 and report.num_state_arrays == 318
+  assert report.encoder_prefix == "res_net50" and report.step == 5
+  assert "classifier" in report.head_modules and "23,508,032" in report.summary()
+  # An SK checkpoint (unknown naming) is compared name by name, never guessed.
+  with pytest.raises(ck.CheckpointError) as err:
+    ck.verify_released_checkpoint(path, "sk_resnet50", 1)
+  assert "missing sk_res_net50/~/initial_conv_0/w" in str(err.value)
+  assert "unexpected res_net50/~/initial_conv/w with shape (7, 7, 3, 64)" in str(err.value)
+  report = ck.verify_released_checkpoint(path, "resnet50", 2, raise_on_mismatch=False)
+  assert not report.ok
+  assert ("params: res_net50/~/initial_conv/w has shape (7, 7, 3, 64), expected (7, 7, 3, 128)"
+          in report.differences)
+  assert report.expected_num_params > 90_000_000
+  path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# Export.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_export_round_trip(tmp_path, r50, heads, forward):
+  params, state = r50
+  jax_params = jax.tree.map(jnp.asarray, params)  # exporting jax arrays works too
+  path = tmp_path / "sub" / "out.pkl"
+  path.parent.mkdir()
+  path.write_bytes(b"old content")  # replaced atomically
+  ck.export_release_checkpoint(path, jax_params, state, step=77, rng=jax.random.key(1),
+                               head_params=heads[0], head_state=heads[1])
+  assert os.listdir(path.parent) == ["out.pkl"]
+  data = path.read_bytes()
+  assert data[:2] == b"\x80\x02" and b"numpy.core.multiarray\n_reconstruct" in data
+  assert b"numpy._core" not in data
+  loaded = ck.load_released_checkpoint_full(path)
+  assert loaded.replica_axis_stripped and loaded.step == 77
+  np.testing.assert_array_equal(loaded.rng, jax.random.key_data(jax.random.key(1)))
+  assert_tree_equal(loaded.params, params)
+  assert_tree_equal(loaded.state, state)
+  assert_tree_equal(loaded.head_params, heads[0])
+  assert_tree_equal(loaded.head_state, heads[1])
+  np.testing.assert_array_equal(forward(loaded.params, loaded.state), forward(params, state))
+  with warnings.catch_warnings():  # numpy 2 warns on the numpy.core alias
+    warnings.simplefilter("ignore")
+    plain = pickle.loads(data)  # the release's own (dill/pickle) loader reads it too
+  assert plain["experiment_state"]["online_params"]["res_net50/~/initial_conv"]["w"].shape == (
+      1, 7, 7, 3, 64)
+  ck.export_release_checkpoint(path, params, state, step=0, replica_axis=False)
+  loaded = ck.load_released_checkpoint_full(path)
+  assert not loaded.replica_axis_stripped and loaded.rng is None
+  assert_tree_equal(loaded.params, params)
+  path.unlink()
+
+
+def test_export_rejects_bad_input(tmp_path):
+  params = {"res_net18/~/initial_conv": {"w": np.ones((3, 3, 3, 4), np.float32)}}
+  path = tmp_path / "x.pkl"
+  with pytest.raises(ValueError, match="collide"):
+    ck.export_release_checkpoint(path, params, {}, step=0, head_params=params)
+  with pytest.raises(ValueError, match="step"):
+    ck.export_release_checkpoint(path, params, {}, step=-1)
+  with pytest.raises(ValueError, match="numeric"):
+    ck.export_release_checkpoint(path, {"m": {"w": np.array(["a"])}}, {}, step=0)
+  with pytest.raises(ValueError, match="params"):
+    ck.export_release_checkpoint(path, [1], {}, step=0)
+  assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Orbax.

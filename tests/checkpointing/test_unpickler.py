@@ -1,0 +1,210 @@
+"""Tests for semppl_jax.checkpointing.unpickler: what the allow-list unpickler reads and refuses."""
+import collections
+import os
+import pickle
+import re
+import subprocess
+import typing
+
+from checkpointing_testlib import assert_tree_equal, fake_module_globals, load_bytes, release_dict
+import dill
+from haiku._src import data_structures  # pylint: disable=g-direct-haiku-import
+import jax
+import numpy as np
+import pytest
+
+from semppl_jax import checkpointing as ck
+
+
+def test_dill_create_array_and_namedtuple_state_load(tmp_path, r50, forward):
+  params, state = r50
+
+  class ExperimentState(typing.NamedTuple):  # like BYOL's _ByolExperimentState
+    online_params: dict
+    target_params: dict
+    online_state: dict
+    opt_state: typing.Any
+
+  release = release_dict(params, state)
+  release["experiment_state"] = ExperimentState(params, params, state, None)
+  data = dill.dumps(release, protocol=2)
+  assert b"dill._dill\n_create_array" in data and b"_create_namedtuple" in data
+  assert b"__builtin__\nsetattr" in data  # dill fixes the local class's __qualname__
+  loaded = load_bytes(tmp_path, data)
+  assert_tree_equal(loaded.params, params)
+  assert_tree_equal(loaded.state, state)
+  np.testing.assert_array_equal(forward(loaded.params, loaded.state), forward(params, state))
+
+
+def test_heads_flatmapping_and_jax_array_reconstructors(tmp_path, r50, heads, forward):
+  params, state = r50
+  flat = data_structures.FlatMap
+  release = release_dict(flat({**params, **heads[0]}), flat({**state, **heads[1]}))
+  release["rng"] = jax.random.key_data(jax.random.key(3))  # jax>=0.4 _reconstruct_array
+  data = pickle.dumps(release, protocol=2)
+  assert b"haiku._src.data_structures\nFlatMapping" in data
+  assert b"jax._src.array\n_reconstruct_array" in data
+  loaded = load_bytes(tmp_path, data)
+  assert_tree_equal(loaded.params, params)
+  assert_tree_equal(loaded.state, state)
+  assert_tree_equal(loaded.head_params, heads[0])
+  assert_tree_equal(loaded.head_state, heads[1])
+  np.testing.assert_array_equal(loaded.rng, np.asarray(jax.random.key_data(jax.random.key(3))))
+  np.testing.assert_array_equal(forward(loaded.params, loaded.state), forward(params, state))
+
+
+def test_jax03_device_array_pickles_load(tmp_path):
+  """jax 0.3 pickled DeviceArrays as reconstruct_device_array(fun, args, state, aval_state)."""
+  def reconstruct_device_array(fun, args, arr_state, aval_state):
+    raise AssertionError("the loader must not call the pickled function")
+
+  class OldDeviceArray:
+    def __init__(self, value):
+      self.value = value
+
+    def __reduce__(self):
+      fun, args, arr_state = self.value.__reduce__()
+      aval = {"weak_type": False, "named_shape": {}}
+      return reconstruct_device_array, (fun, args, arr_state, aval)
+
+  w = np.random.RandomState(0).normal(size=(3, 3, 3, 16)).astype(np.float32)
+  c = np.asarray(5, np.int32)
+  bn = "res_net18/~/initial_batchnorm/~/mean_ema"
+  tree = release_dict({"res_net18/~/initial_conv": {"w": OldDeviceArray(w[None])}},
+                  {bn: {"counter": OldDeviceArray(c[None])}})
+  tree["rng"] = OldDeviceArray(np.arange(4, dtype=np.uint32).reshape(2, 2))
+  with fake_module_globals("jax._src.device_array",
+                            reconstruct_device_array=reconstruct_device_array):
+    data = pickle.dumps(tree, protocol=2)
+  assert b"jax._src.device_array\nreconstruct_device_array" in data
+  loaded = load_bytes(tmp_path, data)
+  assert loaded.replica_axis_stripped
+  np.testing.assert_array_equal(loaded.params["res_net18/~/initial_conv"]["w"], w)
+  assert loaded.state["res_net18/~/initial_batchnorm/~/mean_ema"]["counter"].shape == ()
+  np.testing.assert_array_equal(loaded.rng, np.arange(4).reshape(2, 2))
+  assert loaded.architecture == "resnet18" and loaded.width_multiplier is None
+
+
+class _Evil:
+  def __init__(self, fn, *args):
+    self.fn, self.args = fn, args
+
+  def __reduce__(self):
+    return self.fn, self.args
+
+
+def _evil_objects(marker):
+  """name -> (object whose unpickling creates ``marker``, pickle protocol, name rewrite)."""
+  touch = f"open({str(marker)!r}, 'w').close()"
+  as_os = (b"cposix\nsystem\n", b"cos\nsystem\n")  # write the `os.system` spelling
+  return {
+      "posix.system": (_Evil(os.system, f"touch {marker}"), 2, None),
+      "os.system": (_Evil(os.system, f"touch {marker}"), 2, as_os),
+      "__builtin__.eval": (_Evil(eval, touch), 2, None),
+      "builtins.eval": (_Evil(eval, touch), 4, None),
+      "__builtin__.exec": (_Evil(exec, touch), 2, None),
+      "subprocess.Popen": (_Evil(subprocess.Popen, ["touch", str(marker)]), 2, None),
+      "subprocess.check_output": (_Evil(subprocess.check_output, ["touch", str(marker)]), 2,
+                                  None),
+  }
+
+
+def _dumps(obj, protocol, rewrite):
+  data = pickle.dumps(obj, protocol=protocol)
+  if rewrite:
+    assert rewrite[0] in data
+    data = data.replace(*rewrite)
+  return data
+
+
+def test_evil_payloads_are_real(tmp_path):
+  """Positive control: a plain pickle.loads of each payload does create the marker file."""
+  marker = tmp_path / "pwned"
+  for name, (obj, protocol, rewrite) in _evil_objects(marker).items():
+    result = pickle.loads(_dumps(obj, protocol, rewrite))
+    if isinstance(result, subprocess.Popen):
+      result.wait()
+    assert marker.exists(), name
+    marker.unlink()
+
+
+def test_unsafe_pickles_are_refused_without_side_effect(tmp_path):
+  marker = tmp_path / "pwned"
+  params = {"res_net50/~/initial_conv": {"w": np.ones((7, 7, 3, 64), np.float32)}}
+  state = {"res_net50/~/initial_batchnorm/~/mean_ema": {"counter": np.asarray(1, np.int32)}}
+  for name, (obj, protocol, rewrite) in _evil_objects(marker).items():
+    # Alone, and hidden after the valid entries of a release dict.
+    for payload in (obj, release_dict(params, state, extra=obj)):
+      with pytest.raises(ck.CheckpointError, match="refusing") as err:
+        load_bytes(tmp_path, _dumps(payload, protocol, rewrite))
+      assert name in str(err.value), (name, str(err.value))
+      assert not marker.exists(), name
+  for name, blob in (
+      ("__builtin__.getattr", pickle.dumps(_Evil(getattr, 1, "real"), protocol=2)),
+      ("__builtin__.__import__", pickle.dumps(_Evil(__import__, "os"), protocol=2)),
+      ("copy_reg._reconstructor", b"\x80\x02ccopy_reg\n_reconstructor\n."),
+      ("dill._dill._create_function", dill.dumps(lambda: 0, protocol=2)),
+      ("dill._dill._load_type('CodeType')",
+       pickle.dumps(_Evil(dill._dill._load_type, "CodeType"), protocol=2)),
+      ("field or type name 'a b'",
+       pickle.dumps(_Evil(dill._dill._create_namedtuple, "X", ("a b",), "os"), protocol=2)),
+      ("BUILD", pickle.dumps(collections.OrderedDict(), protocol=2)[:-1] + b"}b.")):
+    with pytest.raises(ck.CheckpointError, match=re.escape(name)):
+      load_bytes(tmp_path, blob)
+
+
+def test_build_on_allowed_callable_is_refused(tmp_path):
+  # GLOBAL numpy.dtype, {'a': 1}, BUILD: would set an attribute on the loader's dtype function.
+  blob = b"\x80\x02cnumpy\ndtype\n}X\x01\x00\x00\x00aK\x01sb."
+  with pytest.raises(ck.CheckpointError, match="BUILD"):
+    load_bytes(tmp_path, blob)
+  assert not hasattr(ck.ALLOWED_GLOBALS[("numpy", "dtype")], "a")
+  # numpy.dtype with a flexible / object spec is refused (its state could set object flags).
+  for spec in (b"V8", b"O8"):
+    blob = b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00" + spec + b"\x89\x88\x87R."
+    with pytest.raises(ck.CheckpointError, match="numpy.dtype"):
+      load_bytes(tmp_path, blob)
+
+
+def test_malformed_files_raise_checkpoint_error(tmp_path):
+  good_params = {"res_net50/~/initial_conv": {"w": np.ones((7, 7, 3, 64), np.float32)}}
+  good_state = {"res_net50/~/initial_batchnorm/~/mean_ema": {"counter": np.asarray(1, np.int32)}}
+  good = pickle.dumps(release_dict(good_params, good_state), protocol=2)
+  cases = {
+      "truncated": (good[: len(good) // 2], "truncated"),
+      "empty": (b"", "empty"),
+      "garbage": (np.random.RandomState(0).bytes(300), "not a valid pickle|truncated"),
+      "text": (b"definitely not a pickle\n", "not a valid pickle|truncated"),
+      "trailing": (good + b"xyz", "trailing"),
+      "list top level": (pickle.dumps([1, 2], protocol=2), "top level is list"),
+      "no experiment_state": (pickle.dumps({"step": 1}, protocol=2),
+                              r"keys \['step'\].*expected 'experiment_state'"),
+      "no online_params": (pickle.dumps({"experiment_state": {"online_state": {}}}, protocol=2),
+                           r"missing \['online_params'\]"),
+      "experiment_state not mapping": (pickle.dumps({"experiment_state": [1]}, protocol=2),
+                                       "experiment_state is list"),
+      "string leaf": (pickle.dumps(release_dict({"res_net50/~/c": {"w": "x"}}, {}), protocol=2),
+                      "expected a numeric array, found str"),
+      "flat params": (pickle.dumps(release_dict({"w": np.ones(3)}, {}), protocol=2),
+                      "expected .module_name"),
+  }
+  for name, (blob, message) in cases.items():
+    with pytest.raises(ck.CheckpointError, match=message):
+      load_bytes(tmp_path, blob)
+  with pytest.raises(ck.CheckpointError, match="does not exist"):
+    ck.load_released_checkpoint(tmp_path / "missing.pkl")
+  with pytest.raises(ck.CheckpointError, match="directory"):
+    ck.load_released_checkpoint(tmp_path)
+  assert issubclass(ck.CheckpointError, ValueError)
+
+
+
+def test_other_pickle_protocols_load(tmp_path):
+  w = np.arange(432, dtype=np.float32).reshape(3, 3, 3, 16)
+  params = {"res_net18/~/initial_conv": {"w": w}}
+  state = {"res_net18/~/initial_batchnorm/~/mean_ema": {"counter": np.asarray(2, np.int32)}}
+  for protocol in (0, 3, 4, 5):
+    loaded = load_bytes(tmp_path, pickle.dumps(release_dict(params, state), protocol=protocol))
+    assert_tree_equal(loaded.params, params)
+    assert_tree_equal(loaded.state, state)
+
