@@ -8,7 +8,9 @@ The config's ``experiment_class`` picks the experiment: ``'pretrain'`` (SemPPL p
 semppl_jax.experiment) or ``'eval'`` (fine-tune / linear / kNN evaluation,
 semppl_jax.eval_experiment). Checkpoints go to ``<checkpoint_dir>/checkpoints`` through Orbax; a
 restarted run resumes from the latest one. Multi-host: pass --coordinator_address, --num_processes
-and --process_id on every host (or nothing on a single host / a TPU slice that auto-detects).
+and --process_id on every host, or --distributed_auto on a TPU slice / under SLURM or Open MPI
+(jax detects the cluster). The --*_timeout_s flags bound how long the healthy processes wait for a
+lost one before they exit with an error. Only process 0 writes TensorBoard events.
 """
 import os
 import sys
@@ -23,6 +25,7 @@ from semppl_jax import jaxline_compat  # pylint: disable=g-import-not-at-top
 
 jaxline_compat.install()
 
+import jax  # pylint: disable=g-import-not-at-top
 from jaxline import platform  # pylint: disable=g-import-not-at-top
 
 from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
@@ -32,6 +35,17 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0, for multi-host runs without auto-detection.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Number of processes (hosts).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).")
+_DISTRIBUTED_AUTO = flags.DEFINE_bool(
+    "distributed_auto", False,
+    "Initialise jax.distributed with cluster auto-detection (Cloud TPU slice, SLURM, Open MPI).")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "initialization_timeout_s", 300, "Seconds to wait for every process to connect at start-up.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 60,
+    "Seconds without a heartbeat after which a process counts as lost; the others then exit "
+    "with an error instead of waiting forever in a collective.")
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+    "shutdown_timeout_s", 120, "Seconds a finished process waits at exit for the others.")
 
 
 def checkpointer_factory(config, mode):
@@ -51,9 +65,23 @@ def experiment_class_for(name):
   raise ValueError(f"config.experiment_class: got {name!r}, allowed: 'pretrain', 'eval'.")
 
 
+def initialize_distributed():
+  """jax.distributed from the flags; non-zero processes get no TensorBoard writer."""
+  timeouts = dict(initialization_timeout_s=_INIT_TIMEOUT.value,
+                  heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+                  shutdown_timeout_s=_SHUTDOWN_TIMEOUT.value)
+  if _DISTRIBUTED_AUTO.value:
+    parallel.initialize_distributed(**timeouts)
+  elif _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    **timeouts)
+  if jax.process_index() != 0:
+    # jaxline builds a writer on every host; one event stream per run is written by process 0.
+    platform.create_writer = lambda config, mode: None
+
+
 def main(argv):
-  if _NUM_PROCESSES.value > 1 or _COORDINATOR.value:
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  initialize_distributed()
   config = flags.FLAGS.config
   platform.main(experiment_class_for(config.experiment_class), argv,
                 checkpointer_factory=checkpointer_factory)

@@ -6,6 +6,7 @@ On several hosts, every process feeds its own slice of the global batch
 (:func:`host_local_to_global`) and reads back its own slice of sharded results
 (:func:`global_to_host_local`).
 """
+import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -128,26 +129,88 @@ def global_to_host_local(tree: Any) -> Any:
   return jax.tree.map(to_local, tree)
 
 
-def initialize_distributed(coordinator_address: str, num_processes: int,
-                           process_id: int) -> None:
+def check_batch_divisible(field: str, value: int, num_devices: int, num_processes: int) -> None:
+  """Checks that a global batch size splits evenly over devices and processes.
+
+  Each process feeds ``value / num_processes`` rows (:func:`host_local_to_global`) and each
+  device computes on ``value / num_devices`` rows, so ``value`` must be a multiple of both
+  (their least common multiple; with equally many devices per process, of ``num_devices``).
+  Meant to run on the config before anything compiles.
+
+  Args:
+    field: the config field, named in the error (e.g. ``'data.labelled_batch_size'``).
+    value: the global batch size, an int ``>= 0``.
+    num_devices: global number of devices on the ``'data'`` axis, ``>= 1``.
+    num_processes: number of processes (hosts), ``>= 1``.
+
+  Raises:
+    ValueError: ``config.<field>: ...`` with the counts and the multiple to use.
+  """
+  for name, count in (("num_devices", num_devices), ("num_processes", num_processes)):
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {count!r}")
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"config.{field}: must be an int >= 0, got {value!r}.")
+  multiple = math.lcm(int(num_devices), int(num_processes))
+  if value % multiple:
+    raise ValueError(
+        f"config.{field}: {value} is not divisible by the number of devices ({num_devices}) "
+        f"and of processes ({num_processes}); use a multiple of {multiple}.")
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, *,
+                           initialization_timeout_s: int = 300,
+                           heartbeat_timeout_s: int = 60,
+                           shutdown_timeout_s: int = 120) -> None:
   """Connects this process to the others (``jax.distributed.initialize``).
 
-  A no-op when ``num_processes == 1`` and when jax.distributed is already initialised (so it is
-  safe to call twice). Must run before any other jax call that touches devices.
+  With ``coordinator_address``, ``num_processes`` and ``process_id`` all None, jax detects the
+  cluster itself (Cloud TPU slices, SLURM, Open MPI). A no-op when ``num_processes == 1`` and
+  when jax.distributed is already initialised (so it is safe to call twice). Must run before
+  any other jax call that touches devices.
+
+  The timeouts bound how long a healthy process waits on a broken one: a peer that sends no
+  heartbeat for ``heartbeat_timeout_s`` is declared dead and every other process then exits
+  with an error naming the lost task, instead of blocking in the next collective forever.
 
   Args:
     coordinator_address: ``'host:port'`` of process 0's coordinator service.
     num_processes: total number of processes, ``>= 1``.
     process_id: this process's index in ``[0, num_processes)``.
+    initialization_timeout_s: seconds to wait for every process to connect at start-up.
+    heartbeat_timeout_s: seconds without a heartbeat after which a process counts as dead.
+    shutdown_timeout_s: seconds a finishing process waits at exit for the others to finish.
+
+  Raises:
+    ValueError: a bad argument, named with the expected value.
   """
-  if int(num_processes) != num_processes or num_processes < 1:
-    raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
-  if int(process_id) != process_id or not 0 <= process_id < num_processes:
-    raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id!r}")
-  if num_processes == 1 or jax.distributed.is_initialized():
+  for name, value in (("initialization_timeout_s", initialization_timeout_s),
+                      ("heartbeat_timeout_s", heartbeat_timeout_s),
+                      ("shutdown_timeout_s", shutdown_timeout_s)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1 (seconds), got {value!r}")
+  timeouts = dict(initialization_timeout=int(initialization_timeout_s),
+                  heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                  shutdown_timeout_seconds=int(shutdown_timeout_s))
+  auto_detect = coordinator_address is None and num_processes is None and process_id is None
+  if not auto_detect:
+    if num_processes is None or int(num_processes) != num_processes or num_processes < 1:
+      raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    if (process_id is None or int(process_id) != process_id
+        or not 0 <= process_id < num_processes):
+      raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id!r}")
+    if num_processes == 1:
+      return
+    if not coordinator_address:
+      raise ValueError("coordinator_address must be 'host:port', got "
+                       f"{coordinator_address!r}")
+  if jax.distributed.is_initialized():
     return
-  if not coordinator_address:
-    raise ValueError("coordinator_address must be 'host:port', got "
-                     f"{coordinator_address!r}")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=int(num_processes), process_id=int(process_id))
+  if auto_detect:
+    jax.distributed.initialize(**timeouts)
+  else:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=int(num_processes), process_id=int(process_id),
+                               **timeouts)

@@ -85,6 +85,42 @@ def test_initialize_distributed_single_process_and_bad_input():
     parallel.initialize_distributed("localhost:1234", 2, 2)
   with pytest.raises(ValueError, match="coordinator_address"):
     parallel.initialize_distributed("", 2, 0)
+  with pytest.raises(ValueError, match="process_id"):
+    parallel.initialize_distributed("localhost:1234", 2, None)
+  for name in ("initialization_timeout_s", "heartbeat_timeout_s", "shutdown_timeout_s"):
+    with pytest.raises(ValueError, match=name):
+      parallel.initialize_distributed("localhost:1234", 2, 0, **{name: 0})
+  assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("value,devices,processes", [
+    (0, 8, 2), (16, 8, 2), (24, 8, 1), (12, 4, 2), (12, 6, 4)])
+def test_check_batch_divisible_accepts_multiples(value, devices, processes):
+  parallel.check_batch_divisible("data.labelled_batch_size", value, devices, processes)
+
+
+@pytest.mark.parametrize("value,devices,processes,multiple", [
+    (12, 8, 2, 8),    # not a multiple of the devices
+    (9, 3, 2, 6),     # uneven devices per process: a multiple of 3 but not of 2
+    (6, 2, 4, 4),     # more processes than devices: each process still needs rows
+])
+def test_check_batch_divisible_names_field_counts_and_multiple(value, devices, processes,
+                                                               multiple):
+  with pytest.raises(ValueError) as info:
+    parallel.check_batch_divisible("evaluation.batch_size", value, devices, processes)
+  message = str(info.value)
+  assert message.startswith(f"config.evaluation.batch_size: {value} is not divisible")
+  assert f"devices ({devices})" in message and f"processes ({processes})" in message
+  assert f"use a multiple of {multiple}" in message
+
+
+def test_check_batch_divisible_rejects_bad_arguments():
+  with pytest.raises(ValueError, match=r"config.data.batch_size: must be an int >= 0"):
+    parallel.check_batch_divisible("data.batch_size", -8, 8, 1)
+  with pytest.raises(ValueError, match="num_devices"):
+    parallel.check_batch_divisible("data.batch_size", 8, 0, 1)
+  with pytest.raises(ValueError, match="num_processes"):
+    parallel.check_batch_divisible("data.batch_size", 8, 8, True)
 
 
 WORKER = textwrap.dedent("""

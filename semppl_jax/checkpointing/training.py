@@ -35,9 +35,24 @@ def _check_max_to_keep(max_to_keep: Any) -> int:
   return max_to_keep
 
 
+def _is_host_local(x: Any) -> bool:
+  """Whether ``x`` is a jax.Array that only this process holds in a multi-process run.
+
+  Orbax saves a jax.Array collectively, each process writing its shards, so it refuses arrays
+  that are not global (e.g. jaxline's ``train_step_rng``, a ``SingleDeviceSharding`` key). These
+  are stored as numpy instead, which Orbax writes once, from process 0.
+  """
+  return isinstance(x, jax.Array) and jax.process_count() > 1 and x.is_fully_addressable
+
+
 def _savable(tree: Any, what: str) -> Any:
-  """Leaves Orbax's StandardSave accepts: jax / numpy arrays, Python int / float."""
+  """Leaves Orbax's StandardSave accepts: global jax arrays, numpy arrays, Python int / float.
+
+  Host-local jax arrays of a multi-process run become numpy (process 0's copy is written).
+  """
   def leaf(path, x):
+    if _is_host_local(x):
+      return np.asarray(x)
     if isinstance(x, (jax.Array, np.ndarray)) or (isinstance(x, (int, float))
                                                   and not isinstance(x, bool)):
       return x
@@ -49,8 +64,13 @@ def _savable(tree: Any, what: str) -> Any:
 
 
 def _abstract(tree: Any, what: str) -> Any:
-  """Restore target: jax arrays -> ShapeDtypeStruct with their sharding; others as they are."""
+  """Restore target: jax arrays -> ShapeDtypeStruct with their sharding; others as they are.
+
+  Host-local jax arrays of a multi-process run are read as numpy (see :func:`_like_template`).
+  """
   def leaf(path, x):
+    if _is_host_local(x):
+      return np.asarray(x)
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     if isinstance(x, jax.ShapeDtypeStruct):
@@ -65,8 +85,11 @@ def _abstract(tree: Any, what: str) -> Any:
 
 
 def _like_template(restored: Any, template: Any) -> Any:
-  """Gives numpy-scalar / bool leaves of the template their type back (saved as 0-d arrays)."""
+  """Gives numpy-scalar / bool leaves of the template their type back (saved as 0-d arrays),
+  and host-local jax-array leaves (restored as numpy) the template's device placement."""
   def leaf(r, t):
+    if _is_host_local(t):
+      return jax.device_put(r, t.sharding)
     if isinstance(t, bool):
       return bool(r)
     if isinstance(t, np.generic):
@@ -294,17 +317,18 @@ class OrbaxCheckpointer:
   """jaxline 0.0.8 checkpointer writing Orbax checkpoints to disk (``InMemoryCheckpointer`` API).
 
   Each ``save(series)`` writes one Orbax checkpoint ``directory/<series>/<global_step>`` (the
-  series' jaxline ``global_step``; a state without one is numbered after the newest) holding, from the series' experiment state: the experiment module's
-  ``snapshot_state()`` pytree (item ``experiment_module``), every other array-valued entry
-  (``train_step_rng`` ...) as its own item, and the scalar / string / None entries
-  (``global_step``, ``best_eval_metric_value`` ...) as JSON. Only the newest ``max_to_keep`` are
-  kept. A save at the global step of the newest checkpoint is skipped: jaxline's final save
-  repeats its last periodic one, and nothing has changed in between. ``restore(series)`` restores the newest one into the current state: the module snapshot
-  is restored with the current ``experiment_module.snapshot_state()`` as the template (so each
-  array comes back with the template's sharding and dtype) and handed to
-  ``restore_from_snapshot``; other array entries use their current value as the template, or
-  come back as host numpy arrays when the current value is None. A new checkpointer on the
-  same directory (a restarted job) sees the saved checkpoints.
+  series' jaxline ``global_step``; a state without one is numbered after the newest) holding, from
+  the series' experiment state: the experiment module's ``snapshot_state()`` pytree (item
+  ``experiment_module``), every other array-valued entry (``train_step_rng`` ...) as its own item,
+  and the scalar / string / None entries (``global_step``, ``best_eval_metric_value`` ...) as
+  JSON. Only the newest ``max_to_keep`` are kept. A save at the global step of the newest
+  checkpoint is skipped: jaxline's final save repeats its last periodic one, and nothing has
+  changed in between. ``restore(series)`` restores the newest one into the current state: the
+  module snapshot is restored with the current ``experiment_module.snapshot_state()`` as the
+  template (so each array comes back with the template's sharding and dtype) and handed to
+  ``restore_from_snapshot``; other array entries use their current value as the template, or come
+  back as host numpy arrays when the current value is None. A new checkpointer on the same
+  directory (a restarted job) sees the saved checkpoints.
 
   Args:
     directory: root directory (local path or an Orbax-supported URL).
