@@ -22,8 +22,14 @@ same scores, both paths return identical results, bit for bit:
 * fewer than ``k`` eligible entries (or ``k > Q``, or ``k > Q / n``) only shortens the candidate
   list; missing entries come back with score ``-inf``, label ``-1``, index ``-1`` and a zero
   embedding, in both paths;
-* the random scores used for sampling are a function of the global slot index, not of the shard
-  (see :func:`sample_semantic_positives`).
+* the vote's tie-break sums similarities in a fixed order (nearest neighbour first) on the
+  merged, replicated candidates, so it sees the same numbers in both paths (see
+  :func:`knn_vote`).
+
+Semantic-positive sampling (:func:`sample_semantic_positives`) does not score entries at all: it
+counts label matches per shard, draws one integer rank per draw and lets the device holding
+that match send it. Its cost does not grow with ``B × Q`` and it is identical, bit for bit,
+sharded or not.
 
 The selection and merge logic is exact. What this module cannot pin down is the rounding of
 the similarity scores themselves: they come from the backend's matmul of a ``[rows, Q / n]``
@@ -217,10 +223,49 @@ def _dot_scores(num_classes: Optional[int]) -> ScoreFn:
   return score_fn
 
 
-def _majority(labels, num_classes: int):
-  """Most frequent label along the last axis, ignoring -1 (ties -> smallest; -1 if none)."""
-  counts = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32).sum(axis=-2)
-  return jnp.where(counts.max(axis=-1) > 0, jnp.argmax(counts, axis=-1), -1).astype(jnp.int32)
+def _vote(labels, similarities):
+  """Majority label along the last axis; ties by the largest summed similarity, then label.
+
+  Each position ``m`` is one ballot with label ``labels[..., m]`` (``< 0``: no ballot) and weight
+  ``similarities[..., m]``. The winner is the label with the most ballots; among labels with
+  equally many, the one whose ballots' weights sum highest; among those (an exact float tie),
+  the smallest label. Works in ``O(M^2)`` per row without any ``[..., num_classes]`` array.
+
+  The weights of a label are summed one ballot at a time in position order (``m = 0, 1, ...``)
+  in a ``fori_loop``: a reduction could be split into partial sums differently for different
+  shapes or shardings, which could turn an exact tie into a 1-ulp difference in one path only.
+
+  Args:
+    labels: int32 ``[..., M]``.
+    similarities: float32 ``[..., M]``.
+
+  Returns:
+    ``(label, summed_similarity)``: int32 ``[...]``, ``-1`` where no position holds a ballot,
+    and float32 ``[...]``, the winner's summed weight (``0`` where there is no winner).
+  """
+  similarities = similarities.astype(jnp.float32)
+  valid = labels >= 0
+  num = labels.shape[-1]
+
+  def add_ballot(m, carry):
+    count, summed = carry
+    label_m = lax.dynamic_index_in_dim(labels, m, axis=-1, keepdims=True)
+    sim_m = lax.dynamic_index_in_dim(similarities, m, axis=-1, keepdims=True)
+    same = (labels == label_m) & (label_m >= 0)
+    return count + same.astype(jnp.int32), summed + jnp.where(same, sim_m, 0.0)
+
+  count, summed = lax.fori_loop(
+      0, num, add_ballot,
+      (jnp.zeros(labels.shape, jnp.int32), jnp.zeros(labels.shape, jnp.float32)))
+  # Lexicographic argmax over the ballots of (count, summed similarity, -label).
+  best = valid & (count == jnp.max(jnp.where(valid, count, 0), axis=-1, keepdims=True))
+  best_sum = jnp.max(jnp.where(best, summed, -jnp.inf), axis=-1, keepdims=True)
+  best &= summed == best_sum
+  no_label = jnp.iinfo(jnp.int32).max
+  winner = jnp.min(jnp.where(best, labels, no_label), axis=-1)
+  found = valid.any(axis=-1)
+  return (jnp.where(found, winner, -1).astype(jnp.int32),
+          jnp.where(found, best_sum[..., 0], 0.0))
 
 
 def top_k_entries(queries, keys, key_labels, *, k: int,
@@ -252,6 +297,12 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
   Similarity is the dot product: the caller l2-normalises queries and queue entries (the queue
   holds normalised target projections), so it is the cosine similarity.
 
+  Tie rule: among the labels with the most neighbours, the one whose neighbours' similarities
+  sum highest wins (summed in order of rank, nearest first, in float32); an exact float tie of
+  those sums goes to the smallest label. Hence ``k`` neighbours with all-distinct labels return
+  the nearest neighbour's label, and ``k = 1`` is the plain nearest neighbour. Which entries
+  are the ``k`` nearest is decided by the top-k (equal scores: lowest slot index first).
+
   Args:
     queries: float ``[B, D]``.
     queue_embeddings: float ``[Q, D]`` (sharded along ``Q`` on ``'data'`` under a mesh).
@@ -262,7 +313,7 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
     num_classes: ``C >= 1``.
 
   Returns:
-    int32 ``[B]``: the majority label (ties -> smallest label), ``-1`` if no entry is valid.
+    int32 ``[B]``: the majority label (ties as above), ``-1`` if no entry is valid.
   """
   _check_entries(queries, queue_embeddings, queue_labels, entries="queue_embeddings",
                  labels_name="queue_labels")
@@ -273,7 +324,7 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
   top = _sharded_top_k(_dot_scores(num_classes), jnp.asarray(queries),
                        jnp.asarray(queue_embeddings)[None],
                        jnp.asarray(queue_labels, jnp.int32)[None], k=k, with_embeddings=False)
-  return _majority(top.labels[0], num_classes)
+  return _vote(top.labels[0], top.scores[0])[0]
 
 
 def _check_queue(queue: Queue, dim: Optional[int] = None):
@@ -295,6 +346,15 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
   :func:`knn_vote` of ``queries[j, i]`` against queue ``l``; the ``L × L`` votes are combined by
   majority. Use the queues as they were before this step's enqueue.
 
+  The *strength* of a vote for label ``c`` is the sum of the similarities of the neighbours of
+  class ``c`` among that vote's ``k`` neighbours (the quantity that broke ties inside the vote;
+  for ``k = 1`` the nearest neighbour's similarity). Combining the votes: the label with the
+  most votes wins; among labels with equally many votes, the one whose votes' strengths sum
+  highest, i.e. the largest sum of the similarities of all neighbours of that class within the
+  votes won by it; an exact float tie goes to the smallest label. Strengths are summed in float32
+  in the fixed order queue ``l`` major, view ``j`` minor. Votes of ``-1`` (no valid entry) count
+  for nothing.
+
   Args:
     queries: float ``[L, B, D]``, l2-normalised online projections of the large views.
     queue: a :class:`~semppl_jax.queue.Queue` with ``L`` queues ``[L, Q, D]`` (sharded along
@@ -303,8 +363,8 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
     num_classes: ``C >= 1``.
 
   Returns:
-    int32 ``[B]``: the majority vote (ties -> smallest label; votes of ``-1`` are ignored;
-    ``-1`` only if every vote is ``-1``, e.g. when all queues are empty).
+    int32 ``[B]``: the combined vote (ties as above; ``-1`` only if every vote is ``-1``, e.g.
+    when all queues are empty).
   """
   if jnp.ndim(queries) != 3:
     raise ValueError(f"queries must have shape [L, B, D], got {jnp.shape(queries)}")
@@ -317,55 +377,117 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
   flat = jnp.asarray(queries).reshape(num_views * batch, dim)
   top = _sharded_top_k(_dot_scores(num_classes), flat, jnp.asarray(queue.embeddings),
                        jnp.asarray(queue.labels, jnp.int32), k=k, with_embeddings=False)
-  votes = _majority(top.labels, num_classes)  # [L_queue, L_view * B]
-  votes = votes.reshape(-1, num_views, batch).reshape(-1, batch)
-  return _majority(votes.T, num_classes)
+  votes, strengths = _vote(top.labels, top.scores)  # [L_queue, L_view * B] each.
+  # Ballot axis last, ordered queue-major then view: [B, L_queue * L_view].
+  to_ballots = lambda x: x.reshape(-1, num_views, batch).reshape(-1, batch).T
+  return _vote(to_ballots(votes), to_ballots(strengths))[0]
 
 
-def _sampling_scores(num_positives: int) -> ScoreFn:
-  """Random scores at label-matched entries, -inf elsewhere; a function of the global slot.
+def _local_matches(queue_labels, targets):
+  """Where the entries matching each target sit in one block of slots.
 
-  ``noise[l, n, i, q] = float32(bits(fold_in(fold_in(key, l), q), (N, B))[n, i] >> 8)``: one
-  key per (queue, global slot) and a fixed shape, so a device generates exactly the values of
-  its own slots whatever the sharding. Integer-valued (< 2^24), hence exact in float32: no
-  transcendental function whose rounding could depend on the shape.
+  Args:
+    queue_labels: int32 ``[L, Ql]``, one block of slots of every queue.
+    targets: int32 ``[B]``; ``< 0`` matches nothing.
+
+  Returns:
+    ``(order, first, count)``: ``order`` int32 ``[L, Ql]``, the block's slots sorted by label,
+    stably (equal labels keep slot order); ``first`` and ``count`` int32 ``[L, B]``: the
+    matches of ``targets[i]`` in queue ``l`` are ``order[l, first[l, i] + j]`` for
+    ``0 <= j < count[l, i]``, in slot order.
   """
-  def score_fn(shared, group, keys, labels, slots):
-    del keys
-    key, targets = shared
-    batch = targets.shape[0]
-    group_key = jax.random.fold_in(key, group)
-    slot_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(group_key, slots)
-    bits = jax.vmap(lambda kq: jax.random.bits(kq, (num_positives, batch), jnp.uint32),
-                    out_axes=-1)(slot_keys)  # [N, B, Ql]
-    noise = (bits >> 8).astype(jnp.float32)
-    match = (labels[None, :] == targets[:, None]) & (targets[:, None] >= 0)  # [B, Ql]
-    return jnp.where(match[None], noise, -jnp.inf).reshape(num_positives * batch, -1)
-  return score_fn
+  sorted_labels, order = lax.sort(
+      (queue_labels, lax.broadcasted_iota(jnp.int32, queue_labels.shape, 1)),
+      dimension=1, is_stable=True, num_keys=1)
+  # Binary search (O(B log Ql)), not method="compare_all" (O(B Ql)).
+  search = jax.vmap(lambda row, side: jnp.searchsorted(row, targets, side=side),
+                    in_axes=(0, None))
+  first = search(sorted_labels, "left").astype(jnp.int32)
+  last = search(sorted_labels, "right").astype(jnp.int32)
+  count = jnp.where(targets[None, :] >= 0, last - first, 0)
+  return order, first, count
+
+
+def _mul_high_u32(a, b):
+  """``floor(a * b / 2^32)`` of uint32 arrays, exactly, with uint32 arithmetic only (no x64)."""
+  low16 = lambda x: x & 0xFFFF
+  a_hi, a_lo, b_hi, b_lo = a >> 16, low16(a), b >> 16, low16(b)
+  cross_1, cross_2 = a_hi * b_lo, a_lo * b_hi  # Each < 2^32: no overflow.
+  carry = ((a_lo * b_lo) >> 16) + low16(cross_1) + low16(cross_2)  # < 3 · 2^16.
+  return a_hi * b_hi + (cross_1 >> 16) + (cross_2 >> 16) + (carry >> 16)
+
+
+def _draw_ranks(key, total, num_positives: int):
+  """Uniform ranks ``r[l, n, i] = floor(u · total[l, i] / 2^32)`` in ``[0, total[l, i])``.
+
+  ``u`` is ``jax.random.bits(key, (L, N, B), uint32)``: one call with a fixed shape, so every
+  device (and the unsharded path) draws the same numbers. Integer arithmetic only (exact, no
+  float rounding that could reach ``total``). Each rank is hit by ``floor`` or ``ceil`` of
+  ``2^32 / total`` of the ``2^32`` values of ``u``: relative deviation from uniform below
+  ``total / 2^32``. ``r = 0`` where ``total = 0``.
+
+  Args:
+    key: a PRNG key.
+    total: int32 ``[L, B]``, ``>= 0``.
+    num_positives: ``N``.
+
+  Returns:
+    int32 ``[L, N, B]``.
+  """
+  num_queues, batch = total.shape
+  bits = jax.random.bits(key, (num_queues, num_positives, batch), jnp.uint32)
+  ranks = _mul_high_u32(bits, total.astype(jnp.uint32)[:, None, :])
+  return ranks.astype(jnp.int32)
+
+
+def _pick_entries(embeddings, order, first, rank, mine):
+  """Embeddings of the ``rank``-th local matches: float ``[L, N, B, D]``, zeros where not mine.
+
+  Shapes: embeddings ``[L, Ql, D]``; order ``[L, Ql]``; first ``[L, B]``; rank and mine
+  ``[L, N, B]``.
+  """
+  num_queues, local_size, dim = embeddings.shape
+  _, num_positives, batch = rank.shape
+  position = jnp.clip(first[:, None, :] + rank, 0, local_size - 1).reshape(num_queues, -1)
+  slot = jnp.take_along_axis(order, position, axis=1)  # [L, N * B]
+  picked = jnp.take_along_axis(embeddings, slot[..., None], axis=1)
+  picked = picked.reshape(num_queues, num_positives, batch, dim)
+  return jnp.where(mine[..., None], picked, jnp.zeros((), embeddings.dtype))
 
 
 def sample_semantic_positives(key, labels, queue: Queue, num_positives: int):
   """Draws semantic positives: queue entries that share each image's (pseudo-)label.
 
   For each queue ``l``, draw ``n`` and image ``i``, one entry of queue ``l`` is chosen uniformly
-  at random among the non-empty entries whose label equals ``labels[i]``, by Gumbel-max through
-  the sharded top-k with ``k = 1``: score = iid noise on matched entries, ``-inf`` elsewhere.
-  With equal weights Gumbel-max is the argmax of *any* iid continuous noise, so the noise is
-  uniform random integers below 2^24 (exact in float32) rather than Gumbel variates; two
-  matched entries tie for the maximum with probability below ``m / 2^24`` for ``m`` matches
-  (then the lower slot wins), a negligible bias.
+  at random among the non-empty entries whose label equals ``labels[i]``. Algorithm (per
+  device, on its block of ``Ql = Q / devices`` slots; one block without a mesh):
 
-  The noise of entry ``q`` of queue ``l`` for draw ``n`` and image ``i`` is element ``[n, i]`` of
-  ``jax.random.bits(fold_in(fold_in(key, l), q), (N, B)) >> 8`` with ``q`` the *global* slot
-  index: each device generates the noise of its own slots only, and the draws are identical,
-  bit for bit, whether the queue is sharded (over any number of devices) or not, eagerly or
-  under jit. Draws for different ``(l, n, i)`` are independent.
+  1. stably sort the block's labels and binary-search every ``labels[i]``: the local matches of
+     ``labels[i]`` are a run of the sorted order, in slot order (``count_d[l, i]`` of them);
+  2. all-gather the ``[L, B]`` counts: their sum is the global number of matches
+     ``total[l, i]``, the sum over lower devices is this device's exclusive offset;
+  3. draw ``r[l, n, i]`` uniformly in ``[0, total[l, i])``: ``floor(u · total / 2^32)`` for
+     ``u = jax.random.bits(key, (L, N, B), uint32)``, in exact integer arithmetic: the same
+     numbers on every device and without a mesh;
+  4. the device whose offset range holds ``r`` gathers its ``(r - offset)``-th local match; a
+     ``psum`` over the integer bit patterns of the ``[L, N, B, D]`` block, which exactly one
+     device fills, assembles the result.
+
+  So draw ``(l, n, i)`` returns the ``r``-th matching entry of queue ``l`` in global slot order,
+  whatever the sharding: sharded and unsharded calls (eager or jitted) return identical bits.
+  Per device the cost is a sort of ``L × Ql`` labels, ``O(L × B × log Ql)`` searches, an
+  ``[L, N, B, D]`` gather and ``psum`` and an all-gather of ``[L, B]`` counts: nothing grows
+  with ``B × Q``. Draws for different ``(l, n, i)`` are independent; draws of the same image
+  may repeat an entry (sampling with replacement). The relative deviation from uniform is below
+  ``total / 2^32`` (step 3), negligible.
 
   Args:
     key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); use a fresh one per step.
-    labels: int ``[B]``, the images' labels / pseudo-labels; ``-1`` = no label, never matched.
+    labels: int ``[B]``, the images' labels / pseudo-labels; ``-1`` (any negative value) = no
+      label, never matched.
     queue: a :class:`~semppl_jax.queue.Queue` ``[L, Q, D]`` (sharded along ``Q`` on ``'data'``
-      under a mesh).
+      under a mesh, ``Q`` a multiple of the axis size); empty slots (label ``-1``) are never
+      returned.
     num_positives: ``N >= 1``, draws per image and queue.
 
   Returns:
@@ -376,14 +498,46 @@ def sample_semantic_positives(key, labels, queue: Queue, num_positives: int):
   if jnp.ndim(labels) != 1:
     raise ValueError(f"labels must have shape [B], got {jnp.shape(labels)}")
   num_positives = _positive_int(num_positives, "num_positives")
-  num_queues, _, dim = jnp.shape(queue.embeddings)
-  batch = jnp.shape(labels)[0]
-  top = _sharded_top_k(_sampling_scores(num_positives), (key, jnp.asarray(labels, jnp.int32)),
-                       jnp.asarray(queue.embeddings), jnp.asarray(queue.labels, jnp.int32),
-                       k=1, with_embeddings=True)
-  embeddings = top.embeddings[:, :, 0].reshape(num_queues, num_positives, batch, dim)
-  valid = (top.scores[:, :, 0] > -jnp.inf).reshape(num_queues, num_positives, batch)
-  return embeddings, valid
+  targets = jnp.asarray(labels, jnp.int32)
+  embeddings = jnp.asarray(queue.embeddings)
+  queue_labels = jnp.asarray(queue.labels, jnp.int32)
+  size = embeddings.shape[1]
+  shards = ambient_data_axis_size()
+
+  if shards == 1:
+    order, first, count = _local_matches(queue_labels, targets)
+    rank = _draw_ranks(key, count, num_positives)
+    valid = jnp.broadcast_to((count > 0)[:, None, :], rank.shape)
+    return _pick_entries(embeddings, order, first, rank, valid), valid
+
+  if size % shards:
+    raise ValueError(f"queue size Q={size} must be a multiple of the mesh's 'data' axis size "
+                     f"{shards}")
+
+  def body(key, targets, embeddings, queue_labels):
+    me = lax.axis_index(DATA_AXIS)
+    order, first, count = _local_matches(queue_labels, targets)
+    counts = lax.all_gather(count, DATA_AXIS)  # [devices, L, B]
+    total = counts.sum(axis=0)
+    offset = jnp.where(jnp.arange(shards)[:, None, None] < me, counts, 0).sum(axis=0)
+    rank = _draw_ranks(key, total, num_positives) - offset[:, None, :]
+    mine = (rank >= 0) & (rank < count[:, None, :])
+    picked = _pick_entries(embeddings, order, first, rank, mine)
+    # Exactly one device sends each drawn entry, the others zeros. Summing the bit patterns as
+    # integers keeps every bit (a float sum would turn -0.0 into 0.0).
+    int_type = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[picked.dtype.itemsize]
+    bits = lax.psum(lax.bitcast_convert_type(picked, int_type), DATA_AXIS)
+    valid = jnp.broadcast_to((total > 0)[:, None, :], rank.shape)
+    return lax.bitcast_convert_type(bits, picked.dtype), valid
+
+  slots = P(None, DATA_AXIS)
+  return jax.shard_map(
+      body,
+      mesh=jax.sharding.get_abstract_mesh(),
+      in_specs=(P(), P(), slots, slots),
+      out_specs=(P(), P()),
+      check_vma=False,
+  )(key, targets, embeddings, queue_labels)
 
 
 def _norms(x, eps: float = 1e-12):

@@ -40,22 +40,39 @@ def ref_top_k(queries, keys, labels, k, num_classes=None):
   return out_s, out_l, out_i
 
 
-def ref_majority(votes, num_classes):
-  """Most frequent non-negative value per row (ties -> smallest), -1 if none."""
-  out = []
-  for row in votes:
-    row = [v for v in row if v >= 0]
-    if not row:
-      out.append(-1)
-      continue
-    counts = np.bincount(row, minlength=num_classes)
-    out.append(int(np.argmax(counts)))
-  return np.array(out)
+def ref_rule(labels, sims):
+  """Tie rule, written plainly: most ballots, then largest summed similarity, then smallest label.
+
+  labels / sims: one row of ballots; labels < 0 are no ballot. Returns (label, summed sim),
+  (-1, 0.0) without any ballot. Sums are float64 (exact for the small-integer test data).
+  """
+  count, total = {}, {}
+  for y, s in zip(labels, sims):
+    if y >= 0:
+      count[y] = count.get(y, 0) + 1
+      total[y] = total.get(y, 0.0) + float(s)
+  if not count:
+    return -1, 0.0
+  best = min(count, key=lambda y: (-count[y], -total[y], y))
+  return best, total[best]
+
+
+def ref_vote_and_strength(queries, keys, labels, k, num_classes):
+  sims, top_labels, _ = ref_top_k(queries, keys, labels, k, num_classes)
+  return [ref_rule(l, s) for l, s in zip(top_labels, sims)]
 
 
 def ref_vote(queries, keys, labels, k, num_classes):
-  _, top_labels, _ = ref_top_k(queries, keys, labels, k, num_classes)
-  return ref_majority(top_labels, num_classes)
+  return np.array([y for y, _ in ref_vote_and_strength(queries, keys, labels, k, num_classes)])
+
+
+def ref_pseudo_labels(queries, emb, lab, k, num_classes):
+  """Votes of every (queue l, view j), ballots queue-major; combined with the same rule."""
+  num_views, batch = queries.shape[:2]
+  votes = [ref_vote_and_strength(queries[j], emb[l], lab[l], k, num_classes)
+           for l in range(emb.shape[0]) for j in range(num_views)]
+  return np.array([ref_rule([v[i][0] for v in votes], [v[i][1] for v in votes])[0]
+                   for i in range(batch)])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -134,19 +151,58 @@ def test_top_k_entries(mesh, k):
 # ----------------------------------------------------------------------------- knn_vote
 
 
+VOTE_SHARDINGS = lambda mesh: (None, slots_sharding(mesh, 2), slots_sharding(mesh, 1))
+
+
+def vote_fn(k):
+  return lambda q, e, l: knn.knn_vote(q, e, l, k=k, num_classes=NUM_CLASSES)
+
+
 @pytest.mark.parametrize("k", [1, 3, 12, 100])
 def test_knn_vote_ties_partly_empty(mesh, k):
-  """Integer data (many ties), 40 % empty slots, k up to > Q / devices and > Q."""
+  """Integer data (many count and similarity ties), 40 % empty, k up to > Q / devices and > Q."""
   queries, keys, labels = integer_data(1)
   # Out-of-range labels in a device array count as empty slots.
   labels[[5, 40]] = NUM_CLASSES + 2
-  fn = lambda q, e, l: knn.knn_vote(q, e, l, k=k, num_classes=NUM_CLASSES)
-  results = sharded_vs_unsharded(
-      mesh, fn, (queries, keys, jnp.asarray(labels)),
-      (None, slots_sharding(mesh, 2), slots_sharding(mesh, 1)))
+  results = sharded_vs_unsharded(mesh, vote_fn(k), (queries, keys, jnp.asarray(labels)),
+                                 VOTE_SHARDINGS(mesh))
   expected = ref_vote(queries, keys, labels, k, NUM_CLASSES)
   for got in results:
     assert got.dtype == jnp.int32 and got.shape == (10,)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_knn_vote_tie_rule(mesh):
+  """Hand-made neighbourhoods; rows 0-3 are the cases the old smallest-label rule got wrong."""
+  num_classes = 10
+  # Query r is e_r; row r's entries hold their similarity on axis r and 0 elsewhere, so every
+  # query scores its own 5 entries above 0 and all other valid entries exactly 0.
+  sims_and_labels = [
+      # Row 0: all-distinct labels -> the nearest one (7), not the smallest (3).
+      ([0.9, 0.8, 0.7, 0.6, 0.5], [7, 3, 5, 8, 9], 7),
+      # Row 1: 2 vs 2 votes; class 4 sums 0.9 + 0.1, class 2 sums 0.8 + 0.7 -> 2.
+      ([0.9, 0.8, 0.7, 0.1, 0.05], [4, 2, 2, 4, 6], 2),
+      # Row 2: 2 vs 2 votes, sums 1.125 vs 1.25 -> 5, although 1 is nearest and smaller.
+      ([1.0, 0.75, 0.5, 0.25, 0.125], [1, 5, 5, 3, 1], 5),
+      # Row 3: count beats similarity: 3 votes of class 8 beat 1 nearest vote of class 0.
+      ([1.0, 0.25, 0.25, 0.25, 0.125], [0, 8, 8, 8, 6], 8),
+      # Row 4: exact float tie of the sums (0.75 + 0.125 = 0.5 + 0.375) -> smallest label 3.
+      ([0.75, 0.5, 0.375, 0.125, 0.0625], [6, 3, 3, 6, 1], 3),
+  ]
+  size, dim = 64, len(sims_and_labels) + 1
+  queries = np.eye(len(sims_and_labels), dim, dtype=np.float32)
+  keys = np.zeros((size, dim), np.float32)
+  keys[:, -1] = 1.0  # Empty slots: non-zero vectors that every query scores 0.
+  labels = np.full(size, -1, np.int32)
+  slots = np.arange(size).reshape(-1, 8)[:, 3]  # One slot per shard, spread over 8 shards.
+  for row, (sims, labs, _) in enumerate(sims_and_labels):
+    for j, (s, y) in enumerate(zip(sims, labs)):
+      slot = slots[j] + row  # 5 rows x 5 neighbours: distinct slots, 5 shards each.
+      keys[slot, row], keys[slot, -1], labels[slot] = s, 0.0, y
+  fn = lambda q, e, l: knn.knn_vote(q, e, l, k=5, num_classes=num_classes)
+  expected = [want for _, _, want in sims_and_labels]
+  assert ref_vote(queries, keys, labels, 5, num_classes).tolist() == expected
+  for got in sharded_vs_unsharded(mesh, fn, (queries, keys, labels), VOTE_SHARDINGS(mesh)):
     np.testing.assert_array_equal(got, expected)
 
 
@@ -154,15 +210,15 @@ def test_knn_vote_fewer_valid_than_k_and_empty(mesh):
   queries, keys, _ = integer_data(2)
   labels = np.full(64, -1, np.int32)
   labels[[17, 18, 50, 51, 52]] = [3, 1, 1, 3, 2]  # 5 valid entries in two shards.
-  fn = lambda q, e, l: knn.knn_vote(q, e, l, k=7, num_classes=NUM_CLASSES)
-  shardings = (None, slots_sharding(mesh, 2), slots_sharding(mesh, 1))
-  for got in sharded_vs_unsharded(mesh, fn, (queries, keys, labels), shardings):
-    # All 5 valid entries vote: 1 and 3 tie with two votes each -> 1.
-    np.testing.assert_array_equal(got, np.ones(10))
-    np.testing.assert_array_equal(got, ref_vote(queries, keys, labels, 7, NUM_CLASSES))
+  fn = vote_fn(7)
+  for got in sharded_vs_unsharded(mesh, fn, (queries, keys, labels), VOTE_SHARDINGS(mesh)):
+    # All 5 valid entries vote: 1 and 3 tie with two votes each, summed similarity decides.
+    expected = ref_vote(queries, keys, labels, 7, NUM_CLASSES)
+    assert set(expected.tolist()) == {1, 3}  # Both outcomes occur in this batch.
+    np.testing.assert_array_equal(got, expected)
 
   empty = np.full(64, -1, np.int32)
-  for got in sharded_vs_unsharded(mesh, fn, (queries, keys, empty), shardings):
+  for got in sharded_vs_unsharded(mesh, fn, (queries, keys, empty), VOTE_SHARDINGS(mesh)):
     np.testing.assert_array_equal(got, -np.ones(10))
 
 
@@ -173,14 +229,16 @@ def test_knn_vote_normalised_floats(mesh):
   queries /= np.linalg.norm(queries, axis=1, keepdims=True)
   keys /= np.linalg.norm(keys, axis=1, keepdims=True)
   labels = rng.integers(-1, NUM_CLASSES, size=128).astype(np.int32)
-  fn = lambda q, e, l: knn.knn_vote(q, e, l, k=5, num_classes=NUM_CLASSES)
-  results = sharded_vs_unsharded(
-      mesh, fn, (queries, keys, labels), (None, slots_sharding(mesh, 2), slots_sharding(mesh, 1)))
+  results = sharded_vs_unsharded(mesh, vote_fn(5), (queries, keys, labels), VOTE_SHARDINGS(mesh))
   for got in results:
     np.testing.assert_array_equal(got, ref_vote(queries, keys, labels, 5, NUM_CLASSES))
 
 
 # ----------------------------------------------------------------------------- pseudo_labels
+
+
+def pseudo_fn(k, num_classes=NUM_CLASSES):
+  return lambda x, q: knn.pseudo_labels(x, q, k=k, num_classes=num_classes)
 
 
 def test_pseudo_labels(mesh):
@@ -191,18 +249,58 @@ def test_pseudo_labels(mesh):
   lab = rng.integers(-1, NUM_CLASSES, size=(num_views, size)).astype(np.int32)
   lab[0] = -1  # Queue 0 is empty: its votes are -1 and must be ignored.
   q = queue_lib.Queue(jnp.asarray(emb), jnp.asarray(lab), jnp.zeros((), jnp.int32))
-  fn = lambda x, q: knn.pseudo_labels(x, q, k=3, num_classes=NUM_CLASSES)
-  results = sharded_vs_unsharded(mesh, fn, (queries, q), (None, queue_sharding(mesh)))
-
-  votes = [ref_vote(queries[j], emb[l], lab[l], 3, NUM_CLASSES)
-           for j in range(num_views) for l in range(num_views)]
-  expected = ref_majority(np.stack(votes, axis=1), NUM_CLASSES)
+  results = sharded_vs_unsharded(mesh, pseudo_fn(3), (queries, q), (None, queue_sharding(mesh)))
+  expected = ref_pseudo_labels(queries, emb, lab, 3, NUM_CLASSES)
   for got in results:
     assert got.dtype == jnp.int32 and got.shape == (batch,)
     np.testing.assert_array_equal(got, expected)
 
   all_empty = queue_lib.init(num_views, size, dim)
-  np.testing.assert_array_equal(fn(queries, all_empty), -np.ones(batch))
+  np.testing.assert_array_equal(pseudo_fn(3)(queries, all_empty), -np.ones(batch))
+
+
+def test_pseudo_labels_ties_across_votes(mesh):
+  """L = 2: four votes per image, each the one entry of a queue that its query sees best.
+
+  Queue l holds, for image i, one entry per class on the image's own axis (similarity = the
+  value there); view j of image i is e_i, so both views vote alike and votes come in pairs.
+  """
+  num_views, size, num_classes = 2, 16, 10
+  # Per image: (queue 0 entry (label, sim), queue 1 entry (label, sim), expected), k = 1.
+  cases = [
+      ((1, 0.5), (2, 0.75), 2),   # 2 vs 2 votes: summed 1.0 vs 1.5 -> 2 (old rule: 1).
+      ((6, 0.5), (4, 0.5), 4),    # Exact tie of the sums -> smallest label.
+      ((3, 0.25), (3, 0.5), 3),   # Unanimous.
+      ((9, 1.0), (0, 0.25), 9),   # 2 vs 2, the larger label has the larger similarity.
+  ]
+  batch = len(cases)
+  dim = batch
+  queries = np.broadcast_to(np.eye(batch, dim, dtype=np.float32),
+                            (num_views, batch, dim)).copy()
+  emb = np.zeros((2, size, dim), np.float32)
+  lab = np.full((2, size), -1, np.int32)
+  for i, entries in enumerate(cases):
+    for l, (y, s) in enumerate(entries[:2]):
+      slot = 4 * i + 2 * l + 1  # Scattered over shards.
+      emb[l, slot, i], lab[l, slot] = s, y
+  q = queue_lib.Queue(jnp.asarray(emb), jnp.asarray(lab), jnp.zeros((), jnp.int32))
+  expected = [want for *_, want in cases]
+  assert ref_pseudo_labels(queries, emb, lab, 1, num_classes).tolist() == expected
+  fn = pseudo_fn(1, num_classes)
+  for got in sharded_vs_unsharded(mesh, fn, (queries, q), (None, queue_sharding(mesh))):
+    np.testing.assert_array_equal(got, expected)
+
+  # With k = 3 a vote's strength is the summed similarity of its winning class: queue 0 gives
+  # image 0 two entries of class 1 (0.25 + 0.25 = 0.5) and one of class 7 (0.375): it votes 1
+  # with strength 0.5, which loses to queue 1's class-2 votes of strength 0.75 (queue 1's two
+  # other neighbours score 0). Slots 10 and 12 are free in the layout above.
+  emb3, lab3 = emb.copy(), lab.copy()
+  emb3[0, 1, 0], emb3[0, 10, 0], emb3[0, 12, 0] = 0.25, 0.25, 0.375
+  lab3[0, 10], lab3[0, 12] = 1, 7
+  q3 = queue_lib.Queue(jnp.asarray(emb3), jnp.asarray(lab3), jnp.zeros((), jnp.int32))
+  got = jax.jit(pseudo_fn(3, num_classes))(queries, q3)
+  np.testing.assert_array_equal(got, ref_pseudo_labels(queries, emb3, lab3, 3, num_classes))
+  assert int(got[0]) == 2
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -220,6 +318,23 @@ def sampling_queue():
   emb = np.stack([np.stack([np.full(size, l), np.arange(size), signed_zero], axis=1)
                   for l in range(2)]).astype(np.float32)
   return queue_lib.Queue(jnp.asarray(emb), jnp.asarray(labels), jnp.zeros((), jnp.int32))
+
+
+def ref_sample_slots(key, labels, queue_labels, num_positives):
+  """Slot drawn for (l, n, i): the r-th entry labelled labels[i] in slot order, -1 if none.
+
+  r = floor(u * total / 2^32) with u = jax.random.bits(key, (L, N, B), uint32), in Python ints.
+  """
+  num_queues = queue_labels.shape[0]
+  bits = np.asarray(jax.random.bits(key, (num_queues, num_positives, len(labels)), jnp.uint32))
+  out = np.full(bits.shape, -1)
+  for l in range(num_queues):
+    for i, y in enumerate(labels):
+      matches = np.flatnonzero(queue_labels[l] == y) if y >= 0 else []
+      for n in range(num_positives):
+        if len(matches):
+          out[l, n, i] = matches[(int(bits[l, n, i]) * len(matches)) >> 32]
+  return out
 
 
 def test_sample_semantic_positives(mesh, sampling_queue):
@@ -242,6 +357,7 @@ def test_sample_semantic_positives(mesh, sampling_queue):
   assert valid.shape == (2, num_positives, 8) and valid.dtype == np.bool_
   queue_labels = np.asarray(sampling_queue.labels)
   queue_emb = np.asarray(sampling_queue.embeddings)
+  expected_slots = ref_sample_slots(jax.random.key(0), labels, queue_labels, num_positives)
   for l in range(2):
     for i, y in enumerate(labels):
       has_match = y >= 0 and bool((queue_labels[l] == y).any())
@@ -249,9 +365,11 @@ def test_sample_semantic_positives(mesh, sampling_queue):
       for n in range(num_positives):
         if has_match:
           queue_index, slot = int(emb[l, n, i, 0]), int(emb[l, n, i, 1])
-          assert queue_index == l and queue_labels[l, slot] == y
+          assert queue_index == l and queue_labels[l, slot] == y  # Never an empty slot.
+          assert slot == expected_slots[l, n, i]
           assert emb[l, n, i].tobytes() == queue_emb[l, slot].tobytes()
         else:
+          assert expected_slots[l, n, i] == -1
           assert emb[l, n, i].tobytes() == np.zeros(3, np.float32).tobytes()
   assert not valid[1, :, 3].any() and not valid[:, :, 4].any() and not valid[:, :, 5].any()
 
@@ -259,28 +377,49 @@ def test_sample_semantic_positives(mesh, sampling_queue):
   assert not np.array_equal(other, emb)
 
 
-def test_sample_semantic_positives_uniform():
-  size, batch, num_positives = 64, 128, 8
-  slots = np.array([3, 10, 11, 30, 45, 63])  # Class 2 entries, spread over 5 shards.
-  labels = np.full((1, size), 1, np.int32)
-  labels[0, slots] = 2
-  labels[0, 20:28] = -1
+def test_sample_semantic_positives_uniform(mesh):
+  """Chi-square per class over 3 x 2048 x 2 draws on a queue with 3-8 entries per class."""
+  size, batch, num_positives = 64, 2048, 2
+  rng = np.random.default_rng(10)
+  labels = np.full((1, size), -1, np.int32)
+  per_class = {0: 3, 1: 5, 2: 8}
+  free = rng.permutation(size)
+  members = {}
+  for y, m in per_class.items():
+    members[y], free = np.sort(free[:m]), free[m:]  # Spread over several shards.
+    labels[0, members[y]] = y
   emb = np.stack([np.arange(size), np.zeros(size)], axis=1)[None].astype(np.float32)
   q = queue_lib.Queue(jnp.asarray(emb), jnp.asarray(labels), jnp.zeros((), jnp.int32))
-  draw = jax.jit(lambda key: knn.sample_semantic_positives(
-      key, jnp.full((batch,), 2, jnp.int32), q, num_positives))
-  picks = []
-  for seed in range(10):
-    emb_out, valid = draw(jax.random.key(seed))
-    assert bool(valid.all())
-    picks.append(np.asarray(emb_out[0, :, :, 0]).astype(int))  # [N, B] chosen slots.
-  picks = np.stack(picks)
-  assert set(np.unique(picks)) <= set(slots.tolist())
-  counts = np.array([(picks == s).sum() for s in slots])
-  assert scipy.stats.chisquare(counts).pvalue > 1e-3
-  # Draws of different n for the same image are independent: they coincide ~1/6 of the time.
-  coincide = np.mean(picks[:, 0] == picks[:, 1])
-  assert 0.1 < coincide < 0.25
+  targets = np.tile(np.array([0, 1, 2, 3], np.int32), batch // 4)  # Class 3 has no entry.
+  fn = jax.jit(lambda key, y, q: knn.sample_semantic_positives(key, y, q, num_positives))
+  emb_out, valid = fn(jax.random.key(7), targets, q)
+  with jax.set_mesh(mesh):
+    assert_identical((emb_out, valid),
+                     fn(jax.random.key(7), targets, jax.device_put(q, queue_sharding(mesh))))
+  picks = np.asarray(emb_out[0, :, :, 0]).astype(int)  # [N, B] chosen slots.
+  valid = np.asarray(valid[0])
+  np.testing.assert_array_equal(valid, np.broadcast_to(targets != 3, valid.shape))
+  for y, slots in members.items():
+    chosen = picks[:, targets == y]
+    assert set(np.unique(chosen)) <= set(slots.tolist())
+    counts = np.array([(chosen == s).sum() for s in slots])
+    assert scipy.stats.chisquare(counts).pvalue > 1e-3, (y, counts)
+  # Draws of different n for the same image are independent: they coincide ~1/8 of the time.
+  class_2 = picks[:, targets == 2]
+  assert 0.07 < np.mean(class_2[0] == class_2[1]) < 0.19
+
+
+def test_draw_ranks_large_counts():
+  """floor(u * total / 2^32) exactly (Python ints), also for totals near 2^31."""
+  total = np.array([[1, 2, 3, 1000, 65537, 2 ** 31 - 1, 0, 123456789]], np.int32)
+  key = jax.random.key(3)
+  ranks = np.asarray(jax.jit(knn._draw_ranks, static_argnums=2)(key, total, 64))
+  bits = np.asarray(jax.random.bits(key, (1, 64, total.shape[1]), jnp.uint32))
+  expected = np.array([[[(int(u) * int(t)) >> 32 for u, t in zip(row, total[0])]
+                        for row in bits[0]]])
+  np.testing.assert_array_equal(ranks, expected)
+  assert (ranks[0, :, :6] < total[0, :6]).all() and (ranks >= 0).all()
+  assert len(np.unique(ranks[0, :, 5])) == 64  # Large totals use the high bits too.
 
 
 # ----------------------------------------------------------------------------- evaluation kNN
