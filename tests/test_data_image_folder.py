@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from semppl_jax.data import image_folder
 
@@ -67,7 +68,7 @@ def test_list_image_folder(folders, tmp_path):
   assert all(os.path.basename(os.path.dirname(p)) == CLASSES[l] for p, l in zip(paths, labels))
   files = image_folder.list_images(unlabelled)
   assert len(files) == NUM_UNLABELLED and files == sorted(files)
-  with pytest.raises(ValueError, match="class_names lacks"):
+  with pytest.raises(ValueError, match=r"class_names lacks the sub-folders \['emu'\]"):
     image_folder.list_image_folder(labelled, class_names=["cat", "dog"])
   with pytest.raises(ValueError, match="no class sub-folders"):
     image_folder.list_image_folder(os.path.join(unlabelled, "a"))
@@ -78,7 +79,8 @@ def test_list_image_folder(folders, tmp_path):
 
 
 def _semi(folders, **kwargs):
-  args = dict(image_size=S, labelled_batch_size=4, unlabelled_batch_size=6, seed=3)
+  args = dict(large_size=S, num_large=2, small_size=4, num_small=1, labelled_batch_size=4,
+              unlabelled_batch_size=6, seed=3)
   args.update(kwargs)
   return image_folder.image_folder_semi_supervised(*folders, **args)
 
@@ -86,18 +88,22 @@ def _semi(folders, **kwargs):
 def test_semi_supervised_keys_shapes_and_content(folders):
   batches = _take(_semi(folders), 5)
   for batch in batches:
-    assert set(batch) == {"labelled_images", "labels", "unlabelled_images",
-                          "unlabelled_labels"}
-    assert batch["labelled_images"].shape == (4, S, S, 3)
-    assert batch["labelled_images"].dtype == np.uint8
-    assert batch["unlabelled_images"].shape == (6, S, S, 3)
+    assert set(batch) == {"labelled_large", "labelled_small", "labels", "unlabelled_large",
+                          "unlabelled_small", "unlabelled_labels"}
+    assert batch["labelled_large"].shape == (4, 2, S, S, 3)
+    assert batch["labelled_large"].dtype == np.uint8
+    assert batch["labelled_small"].shape == (4, 1, 4, 4, 3)
+    assert batch["unlabelled_large"].shape == (6, 2, S, S, 3)
+    # All views of an image are of that image.
+    np.testing.assert_array_equal(_ids(batch["labelled_large"][:, 1], "labelled"),
+                                  _ids(batch["labelled_small"][:, 0], "labelled"))
     assert batch["labels"].dtype == np.int32 and batch["unlabelled_labels"].dtype == np.int32
-    ids = _ids(batch["labelled_images"], "labelled")
+    ids = _ids(batch["labelled_large"][:, 0], "labelled")
     np.testing.assert_array_equal(batch["labels"], [_labelled_label(i) for i in ids])
     assert np.all(batch["unlabelled_labels"] == -1)
   # 20 labelled positions = 2 epochs of 10; 30 unlabelled = 2.5 epochs of 12.
-  lab = np.concatenate([_ids(b["labelled_images"], "labelled") for b in batches])
-  unlab = np.concatenate([_ids(b["unlabelled_images"], "unlabelled") for b in batches])
+  lab = np.concatenate([_ids(b["labelled_large"][:, 0], "labelled") for b in batches])
+  unlab = np.concatenate([_ids(b["unlabelled_large"][:, 0], "unlabelled") for b in batches])
   np.testing.assert_array_equal(np.sort(lab[:10]), np.arange(10))
   np.testing.assert_array_equal(np.sort(lab[10:]), np.arange(10))
   np.testing.assert_array_equal(np.sort(unlab[:12]), np.arange(12))
@@ -115,7 +121,7 @@ def test_semi_supervised_deterministic_and_resumable(folders):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
   other = _take(_semi(folders, seed=4), 6)
-  assert not all(np.array_equal(a["unlabelled_images"], b["unlabelled_images"])
+  assert not all(np.array_equal(a["unlabelled_large"], b["unlabelled_large"])
                  for a, b in zip(first, other))
 
 
@@ -124,11 +130,11 @@ def test_semi_supervised_host_shards_are_disjoint(folders):
   for p in range(2):
     batches = _take(_semi(folders, labelled_batch_size=4, unlabelled_batch_size=6,
                           process_index=p, process_count=2), 4)
-    assert batches[0]["labelled_images"].shape == (2, S, S, 3)
-    assert batches[0]["unlabelled_images"].shape == (3, S, S, 3)
+    assert batches[0]["labelled_large"].shape == (2, 2, S, S, 3)
+    assert batches[0]["unlabelled_large"].shape == (3, 2, S, S, 3)
     # One host epoch: 5 labelled and 6 unlabelled files.
-    lab = np.concatenate([_ids(b["labelled_images"], "labelled") for b in batches])[:5]
-    unlab = np.concatenate([_ids(b["unlabelled_images"], "unlabelled") for b in batches])[:6]
+    lab = np.concatenate([_ids(b["labelled_large"][:, 0], "labelled") for b in batches])[:5]
+    unlab = np.concatenate([_ids(b["unlabelled_large"][:, 0], "unlabelled") for b in batches])[:6]
     assert len(set(lab.tolist())) == 5 and len(set(unlab.tolist())) == 6
     seen_lab.append(set(lab.tolist()))
     seen_unlab.append(set(unlab.tolist()))
@@ -140,9 +146,9 @@ def test_semi_supervised_host_shards_are_disjoint(folders):
 def test_labelled_folder_may_double_as_unlabelled_pool(folders):
   labelled, _ = folders
   batch = _take(image_folder.image_folder_semi_supervised(
-      labelled, labelled, image_size=S, labelled_batch_size=2, unlabelled_batch_size=10,
-      seed=0), 1)[0]
-  assert sorted(_ids(batch["unlabelled_images"], "labelled").tolist()) == list(range(10))
+      labelled, labelled, large_size=S, small_size=4, labelled_batch_size=2,
+      unlabelled_batch_size=10, seed=0), 1)[0]
+  assert sorted(_ids(batch["unlabelled_large"][:, 0], "labelled").tolist()) == list(range(10))
   assert np.all(batch["unlabelled_labels"] == -1)
 
 
@@ -153,7 +159,7 @@ def test_eval_covers_every_image_once(folders, process_count):
   for p in range(process_count):
     batches = _take(image_folder.image_folder_eval(
         labelled, image_size=S, batch_size=3 * process_count, process_index=p,
-        process_count=process_count), 100)
+        process_count=process_count, class_names=CLASSES), 100)
     counts.append(len(batches))
     for batch in batches:
       assert batch["images"].shape == (3, S, S, 3) and batch["mask"].dtype == bool
@@ -173,11 +179,123 @@ def test_eval_covers_every_image_once(folders, process_count):
     (dict(labelled_batch_size=3, process_count=2), "labelled_batch_size must be divisible"),
     (dict(labelled_batch_size=12), "labelled_batch_size: the host-local batch of 12 exceeds"),
     (dict(process_index=1), r"process_index must lie in \[0, 1\)"),
-    (dict(image_size=0), "image_size"),
-    (dict(central_fraction=0.0), "central_fraction"),
+    (dict(large_size=0), "large_size"),
+    (dict(small_scale=(0.0, 0.5)), "small_scale"),
     (dict(seed=-2), "seed"),
     (dict(start_step=-1), "start_step"),
 ])
 def test_bad_input_raises(folders, kwargs, match):
   with pytest.raises(ValueError, match=match):
     _semi(folders, **kwargs)
+
+
+# --- Data errors that name the file. ---
+
+def _png_bytes(value, shape=(9, 11)):
+  return tf.io.encode_png(tf.fill(list(shape) + [3], tf.constant(value, tf.uint8))).numpy()
+
+
+def _pil_save(path, value, fmt, shape=(9, 11)):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.full(shape + (3,), value, np.uint8)).save(
+      path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+
+
+@pytest.fixture
+def broken(tmp_path):
+  """A labelled folder with one good image per class plus a corrupt and a truncated one."""
+  root = tmp_path / "train"
+  for i, name in enumerate(("bird", "cat")):
+    _write_png(str(root / name / "ok.png"), 20 + 10 * i, (9, 11))
+  (root / "bird" / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
+  jpeg = tf.io.encode_jpeg(tf.fill([32, 32, 3], tf.constant(90, tf.uint8))).numpy()
+  (root / "cat" / "truncated.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+  png = _png_bytes(70, (20, 20))
+  (root / "cat" / "truncated.png").write_bytes(png[:-20])
+  return str(root)
+
+
+def test_corrupt_images_are_named_before_training(broken):
+  with pytest.raises(ValueError) as e:
+    image_folder.image_folder_semi_supervised(broken, broken, large_size=S, small_size=4,
+                                              labelled_batch_size=1, unlabelled_batch_size=1,
+                                              seed=0)
+  message = str(e.value)
+  assert "3 of 5 image files cannot be decoded" in message
+  for name in ("garbage.jpg", "truncated.jpg", "truncated.png"):
+    assert os.path.join(broken, "bird" if name == "garbage.jpg" else "cat", name) in message
+  assert "ok.png" not in message
+
+
+def test_skip_corrupt_drops_and_counts(broken):
+  folder = image_folder.scan_labelled_folder(broken, skip_corrupt=True)
+  assert [os.path.basename(p) for p in folder.paths] == ["ok.png", "ok.png"]
+  assert folder.labels.tolist() == [0, 1] and folder.class_names == ("bird", "cat")
+  assert sorted(os.path.basename(p) for p, _ in folder.skipped) == [
+      "garbage.jpg", "truncated.jpg", "truncated.png"]
+  assert all(reason for _, reason in folder.skipped)
+  unlabelled = image_folder.scan_unlabelled_folder(broken, skip_corrupt=True)
+  assert len(unlabelled.paths) == 2 and len(unlabelled.skipped) == 3
+  batch = _take(image_folder.image_folder_semi_supervised(
+      folder, unlabelled, large_size=S, small_size=4, labelled_batch_size=2,
+      unlabelled_batch_size=2, seed=0), 1)[0]
+  assert sorted(batch["labelled_large"][:, 0, 0, 0, 0].tolist()) == [20, 30]
+
+
+def test_valid_jpeg_with_trailing_bytes_is_kept(tmp_path):
+  # Some cameras append data after the JPEG end marker: the cheap test doubts it, the full
+  # decode clears it, and TensorFlow decodes it fine.
+  jpeg = tf.io.encode_jpeg(tf.fill([16, 16, 3], tf.constant(90, tf.uint8))).numpy()
+  path = tmp_path / "u" / "trailer.jpg"
+  path.parent.mkdir()
+  path.write_bytes(jpeg + b"\x01" * 2000)
+  checked = image_folder.check_images([str(path)])
+  assert checked.paths == (str(path),) and not checked.skipped
+
+
+def test_webp_and_tiff_are_decoded(tmp_path):
+  root = tmp_path / "train"
+  _pil_save(str(root / "a" / "x.webp"), 40, "WEBP")
+  _pil_save(str(root / "a" / "y.tiff"), 60, "TIFF")
+  _pil_save(str(root / "b" / "z.tif"), 80, "TIFF")
+  _pil_save(str(root / "b" / "w.bmp"), 100, "BMP")
+  folder = image_folder.scan_labelled_folder(str(root))
+  assert [os.path.basename(p) for p in folder.paths] == ["x.webp", "y.tiff", "w.bmp", "z.tif"]
+  assert folder.pillow.tolist() == [False, True, False, True]
+  batches = _take(image_folder.image_folder_eval(folder, image_size=S, batch_size=4), 10)
+  images = batches[0]["images"]
+  np.testing.assert_array_equal(images[:, 0, 0, 0], [40, 60, 100, 80])
+  assert (images == images[:, :1, :1]).all()  # constant images stay constant
+  train = _take(image_folder.image_folder_semi_supervised(
+      folder, str(root), large_size=S, small_size=4, labelled_batch_size=4,
+      unlabelled_batch_size=4, seed=0), 1)[0]
+  assert sorted(train["unlabelled_large"][:, 0, 0, 0, 0].tolist()) == [40, 60, 80, 100]
+
+
+def test_unsupported_image_formats_are_refused_by_name(tmp_path):
+  root = tmp_path / "u"
+  _pil_save(str(root / "fine.png"), 10, "PNG")
+  _pil_save(str(root / "odd.ppm"), 10, "PPM")
+  (root / "photo.heic").write_bytes(b"\x00")
+  (root / "notes.txt").write_text("not an image; ignored")
+  with pytest.raises(ValueError, match=r"unsupported format.*odd\.ppm.*photo\.heic"):
+    image_folder.list_images(str(root))
+
+
+def test_eval_folder_uses_the_training_class_map(tmp_path):
+  train, test = tmp_path / "train", tmp_path / "test"
+  for name in ("bird", "cat", "dog"):
+    _write_png(str(train / name / "a.png"), 10, (6, 6))
+  # The test folder lacks "bird": sorted on its own, "cat" would get label 0 (training's bird).
+  _write_png(str(test / "cat" / "c.png"), 111, (6, 6))
+  _write_png(str(test / "dog" / "d.png"), 222, (6, 6))
+  names = image_folder.scan_labelled_folder(str(train)).class_names
+  batch = _take(image_folder.image_folder_eval(str(test), image_size=S, batch_size=2,
+                                               class_names=names), 1)[0]
+  assert dict(zip(batch["images"][:, 0, 0, 0].tolist(), batch["labels"].tolist())) == {
+      111: 1, 222: 2}
+  _write_png(str(test / "zebra" / "z.png"), 5, (6, 6))
+  with pytest.raises(ValueError, match=r"\['zebra'\].*not in the training folder's class map"):
+    image_folder.image_folder_eval(str(test), image_size=S, batch_size=2, class_names=names)
+  with pytest.raises(ValueError, match="class_names is required"):
+    image_folder.image_folder_eval(str(test), image_size=S, batch_size=2)

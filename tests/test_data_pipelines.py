@@ -1,5 +1,6 @@
 """Shared tf.data pieces: host preprocessing, resumable epoch streams, shard bounds."""
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from semppl_jax.data import pipelines
@@ -78,3 +79,61 @@ def test_eval_num_batches():
   assert pipelines.eval_num_batches(11, 2, 2) == 3  # shards 6 + 5
   assert pipelines.eval_num_batches(10, 3, 3) == 2  # shards 4 + 3 + 3
   assert pipelines.eval_num_batches(0, 1, 4) == 1
+
+
+def _window(h, w, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  return pipelines.crop_window(tf.constant(h), tf.constant(w), tf.constant(seed, tf.int64),
+                               scale=scale, aspect_ratio_range=ratio,
+                               max_attempts=10).numpy()
+
+
+def test_crop_window_respects_scale_ratio_and_bounds():
+  areas = []
+  for i in range(40):
+    y, x, h, w = _window(120, 200, [i, 7])
+    assert 0 <= y and y + h <= 120 and 0 <= x and x + w <= 200
+    areas.append(h * w / (120 * 200))
+    if (h, w) != (105, 105):  # not the fallback
+      assert 3 / 4 - 0.05 <= w / h <= 4 / 3 + 0.05
+  assert min(areas) < 0.3 and max(areas) > 0.5  # spans the range
+  # Seeded: the same seed gives the same window.
+  np.testing.assert_array_equal(_window(120, 200, [3, 7]), _window(120, 200, [3, 7]))
+
+
+def test_crop_window_falls_back_to_the_centre_square():
+  # No 3:1 box covering the whole area fits a square image.
+  np.testing.assert_array_equal(_window(64, 64, [1, 2], scale=(1.0, 1.0), ratio=(3.0, 3.0)),
+                                [4, 4, 56, 56])
+  np.testing.assert_array_equal(_window(40, 80, [1, 2], scale=(1.0, 1.0), ratio=(0.2, 0.2)),
+                                [2, 22, 35, 35])
+
+
+def test_multi_crop_views_shapes_and_independent_views():
+  rng = np.random.default_rng(0)
+  image = tf.constant(rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8))
+  crops = pipelines.MultiCrop(3, 12, (0.2, 1.0), 2, 6, (0.05, 0.2)).check()
+  large, small = pipelines.multi_crop_views(image, tf.constant([0, 1], tf.int64), crops)
+  assert large.shape == (3, 12, 12, 3) and small.shape == (2, 6, 6, 3)
+  assert large.dtype == tf.uint8 and small.dtype == tf.uint8
+  assert not np.array_equal(large[0], large[1])
+  again, _ = pipelines.multi_crop_views(image, tf.constant([0, 1], tf.int64), crops)
+  np.testing.assert_array_equal(large, again)
+  none = pipelines.multi_crop_views(image, tf.constant([0, 1], tf.int64),
+                                    crops._replace(num_small=0))[1]
+  assert none.shape == (0, 6, 6, 3)
+
+
+def test_element_seed_depends_on_every_input():
+  base = pipelines.element_seed(1, 0, 0, tf.constant(5, tf.int64)).numpy()
+  for args in ((2, 0, 0, 5), (1, 1, 0, 5), (1, 0, 1, 5), (1, 0, 0, 6), (1, 0, 0, 1 << 40)):
+    other = pipelines.element_seed(*args[:3], tf.constant(args[3], tf.int64)).numpy()
+    assert not np.array_equal(base, other), args
+
+
+def test_multi_crop_check_rejects_bad_fields():
+  for fields, match in ((dict(num_large=0), "num_large"), (dict(num_small=-1), "num_small"),
+                        (dict(large_scale=(0.0, 1.0)), "large_scale"),
+                        (dict(small_scale=(0.5,)), "small_scale"),
+                        (dict(max_attempts=0), "max_attempts")):
+    with pytest.raises(ValueError, match=match):
+      pipelines.MultiCrop(**fields).check()

@@ -1,7 +1,8 @@
 """Input data for SemPPL: host-local numpy batches, label splits, tf.data pipelines.
 
 * `fashion_mnist`: the embedded default dataset (IDX reader, tfds fallback).
-* `splits`: seeded class-balanced label splits, committed as JSON under `splits/`.
+* `splits`: seeded class-balanced label and validation splits (dataset-agnostic), committed
+  as JSON under `splits/`.
 * `batching`: resumable semi-supervised and evaluation batches from in-memory arrays.
 * `imagenet`, `image_folder` (+ `pipelines`): tf.data pipelines for file-based data.
 * `info`: static dataset metadata.
@@ -34,6 +35,12 @@ from semppl_jax.data.splits import validate_label_split
 _LAZY = {
     "imagenet_semi_supervised": "semppl_jax.data.imagenet",
     "imagenet_eval": "semppl_jax.data.imagenet",
+    "imagenet_knn_bank": "semppl_jax.data.imagenet",
+    "check_images": "semppl_jax.data.image_folder",
+    "ImageFolder": "semppl_jax.data.image_folder",
+    "scan_labelled_folder": "semppl_jax.data.image_folder",
+    "scan_unlabelled_folder": "semppl_jax.data.image_folder",
+    "MultiCrop": "semppl_jax.data.pipelines",
     "image_folder_semi_supervised": "semppl_jax.data.image_folder",
     "image_folder_eval": "semppl_jax.data.image_folder",
     "list_image_folder": "semppl_jax.data.image_folder",
@@ -47,7 +54,9 @@ def __getattr__(name):
 
 
 __all__ = [
-    "DatasetInfo", "SemiSupervisedBatches", "dataset_info", "eval_batches",
-    "fashion_mnist_semi_supervised", "iterate", "load_fashion_mnist", "load_label_split",
-    "make_label_split", "semi_supervised_batch", "write_fashion_mnist_split_files",
+    "DatasetInfo", "SemiSupervisedBatches", "check_split_matches_labels", "dataset_info",
+    "eval_batches", "fashion_mnist_semi_supervised", "fashion_mnist_validation", "iterate",
+    "load_fashion_mnist", "load_label_split", "load_validation_split", "make_label_split",
+    "make_validation_split", "semi_supervised_batch", "train_indices_without",
+    "validate_label_split", "write_fashion_mnist_split_files",
 ] + sorted(_LAZY)

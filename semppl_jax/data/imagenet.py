@@ -9,8 +9,10 @@ download prepared in the tfds data directory beforehand (`tfds build imagenet201
 Each host reads only its own contiguous shard of every split (`tfds.split_for_jax_process` with
 explicit `process_index` / `process_count`), so hosts never read the same record. Images are
 read undecoded, shuffled, and decoded after the shuffle (the shuffle buffer holds JPEG bytes, and
-skipping on resume costs no decoding). Host preprocessing is decode + centred square crop +
-resize to `image_size` only; see `pipelines.py` for why the random crops happen on device.
+skipping on resume costs no decoding). Training batches carry the multi-crop views, each a
+random-resized crop of the full decoded image (see `pipelines.py`); evaluation batches the
+usual resize-256 / centre-crop-224 images. The kNN bank is the labelled subset the run was
+given (`imagenet_knn_bank`), never more labels than that.
 """
 
 from __future__ import annotations
@@ -25,56 +27,69 @@ SUBSET_DATASET = "imagenet2012_subset"
 SPLIT_PERCENTS = (1, 10)
 
 
-def imagenet_semi_supervised(split_percent: int, *, image_size: int = 224,
-                             labelled_batch_size: int, unlabelled_batch_size: int, seed: int,
-                             process_index: int = 0, process_count: int = 1,
-                             data_dir: str | None = None, start_step: int = 0,
-                             shuffle_buffer: int = 10_000, central_fraction: float = 1.0
-                             ) -> tf.data.Dataset:
-  """Endless semi-supervised ImageNet batches for this host.
+def imagenet_semi_supervised(split_percent: int, *, labelled_batch_size: int,
+                             unlabelled_batch_size: int, seed: int, process_index: int = 0,
+                             process_count: int = 1, data_dir: str | None = None,
+                             start_step: int = 0, shuffle_buffer: int = 10_000,
+                             num_large: int = 4, large_size: int = 224,
+                             large_scale: tuple[float, float] = (0.08, 1.0),
+                             num_small: int = 2, small_size: int = 96,
+                             small_scale: tuple[float, float] = (0.08, 1.0),
+                             aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
+                             max_attempts: int = 10) -> tf.data.Dataset:
+  """Endless semi-supervised ImageNet batches of multi-crop views, for this host.
+
+  Every view is a random-resized crop of the full decoded image (area fraction ~ U(scale),
+  aspect ratio in `aspect_ratio_range`, centred-square fallback), resized to its view size;
+  flips and colour augmentations are left to the device.
 
   Args:
     split_percent: 1 or 10 (`imagenet2012_subset/1pct` or `/10pct` as the labelled set).
-    image_size: side S of the host-side centred square crop.
     labelled_batch_size: global B_l (divisible by `process_count`).
     unlabelled_batch_size: global B_u (divisible by `process_count`).
-    seed: data-order seed (non-negative int).
+    seed: data-order and crop seed (non-negative int).
     process_index, process_count: this host and the number of hosts; each host reads a
       disjoint shard of both streams.
     data_dir: tfds data directory (None: tfds' default).
     start_step: global step to start from; the result equals the `start_step=0` pipeline
-      with its first `start_step` batches dropped.
+      with its first `start_step` batches dropped (same images, same crops).
     shuffle_buffer: records per stream in the shuffle buffer (capped at the shard size). The
       tfds record order is already shuffled once at preparation time.
-    central_fraction: share of the shorter side kept by the crop.
+    num_large, large_size, large_scale: L large views per image, their side, their area range.
+    num_small, small_size, small_scale: S small views, their side, their area range.
+    aspect_ratio_range: (low, high) width / height of the crop boxes.
+    max_attempts: boxes tried before the centred-square fallback.
 
   Returns:
-    tf.data.Dataset of dicts `labelled_images` uint8 `[b_l, S, S, 3]`, `labels` int32
-    `[b_l]`, `unlabelled_images` uint8 `[b_u, S, S, 3]`, `unlabelled_labels` int32 `[b_u]`
-    (true labels of the unlabelled images, for monitoring only), `b = B / process_count`.
-    Iterate with `tfds.as_numpy(ds)` for numpy batches.
+    tf.data.Dataset of dicts `labelled_large` uint8 `[b_l, L, Hl, Hl, 3]`, `labelled_small`
+    uint8 `[b_l, S, Hs, Hs, 3]`, `labels` int32 `[b_l]`, `unlabelled_large` uint8
+    `[b_u, L, Hl, Hl, 3]`, `unlabelled_small` uint8 `[b_u, S, Hs, Hs, 3]`,
+    `unlabelled_labels` int32 `[b_u]` (true labels of the unlabelled images, for monitoring
+    only), with `b = B / process_count`, `Hl = large_size`, `Hs = small_size`. Iterate with
+    `tfds.as_numpy(ds)` for numpy batches.
 
   Raises:
     ValueError: naming a bad argument.
     FileNotFoundError: the tfds data is not prepared in `data_dir`.
   """
-  if split_percent not in SPLIT_PERCENTS:
-    raise ValueError(f"split_percent must be one of {SPLIT_PERCENTS}, got {split_percent!r}")
-  pipelines.check_image_args(image_size, central_fraction, seed, start_step)
+  _check_percent(split_percent)
+  crops = pipelines.MultiCrop(num_large, large_size, large_scale, num_small, small_size,
+                              small_scale, aspect_ratio_range, max_attempts).check()
+  pipelines.check_int("seed", seed, 0)
+  pipelines.check_int("start_step", start_step, 0)
   pipelines.check_int("shuffle_buffer", shuffle_buffer, 1)
   host = pipelines.check_host_args(process_index=process_index, process_count=process_count,
                                    labelled_batch_size=labelled_batch_size,
                                    unlabelled_batch_size=unlabelled_batch_size)
-  labelled, num_labelled = _host_records(f"{SUBSET_DATASET}/{split_percent}pct", "train",
-                                         data_dir, process_index, process_count)
+  labelled, num_labelled = _host_records(_subset_name(split_percent), "train", data_dir,
+                                         process_index, process_count)
   unlabelled, num_unlabelled = _host_records(TRAIN_DATASET, "train", data_dir, process_index,
                                              process_count)
   return pipelines.semi_supervised_dataset(
-      labelled, num_labelled, unlabelled, num_unlabelled, read_fn=lambda x: x,
-      image_size=image_size, central_fraction=central_fraction,
-      labelled_batch_size=host["labelled_batch_size"],
+      labelled, num_labelled, unlabelled, num_unlabelled, decode_fn=pipelines.decode_full,
+      crops=crops, labelled_batch_size=host["labelled_batch_size"],
       unlabelled_batch_size=host["unlabelled_batch_size"], seed=seed, start_step=start_step,
-      shuffle_buffer=shuffle_buffer)
+      shuffle_buffer=shuffle_buffer, process_index=process_index)
 
 
 def imagenet_eval(*, batch_size: int, image_size: int = 224, process_index: int = 0,
@@ -106,12 +121,59 @@ def imagenet_eval(*, batch_size: int, image_size: int = 224, process_index: int 
   pipelines.check_image_args(image_size, central_fraction)
   host = pipelines.check_host_args(process_index=process_index, process_count=process_count,
                                    batch_size=batch_size)
-  records, num_host = _host_records(TRAIN_DATASET, split, data_dir, process_index,
-                                    process_count)
-  num_examples = _num_examples(TRAIN_DATASET, split, data_dir)
-  return pipelines.eval_dataset(records, num_host, num_examples, read_fn=lambda x: x,
-                                image_size=image_size, central_fraction=central_fraction,
-                                batch_size=host["batch_size"], process_count=process_count)
+  return _eval(TRAIN_DATASET, split, data_dir, image_size, central_fraction,
+               host["batch_size"], process_index, process_count)
+
+
+def imagenet_knn_bank(split_percent: int, *, batch_size: int, image_size: int = 224,
+                      process_index: int = 0, process_count: int = 1,
+                      data_dir: str | None = None, central_fraction: float = 0.875
+                      ) -> tf.data.Dataset:
+  """Evaluation batches of the labelled subset a run was given: its kNN bank.
+
+  The bank is exactly `imagenet2012_subset/{split_percent}pct` (train), the images whose labels
+  the run trained with, so kNN evaluation never uses more labels than the run had. Same
+  preprocessing, sharding and padding as `imagenet_eval`.
+
+  Args:
+    split_percent: the run's label split, 1 or 10.
+    batch_size, image_size, process_index, process_count, data_dir, central_fraction: as for
+      `imagenet_eval`.
+
+  Returns:
+    finite tf.data.Dataset of dicts `images` uint8 `[b, S, S, 3]`, `labels` int32 `[b]` (-1 on
+    padding), `mask` bool `[b]` (False on padding).
+
+  Raises:
+    ValueError: naming a bad argument.
+    FileNotFoundError: the tfds data is not prepared in `data_dir`.
+  """
+  _check_percent(split_percent)
+  pipelines.check_image_args(image_size, central_fraction)
+  host = pipelines.check_host_args(process_index=process_index, process_count=process_count,
+                                   batch_size=batch_size)
+  return _eval(_subset_name(split_percent), "train", data_dir, image_size, central_fraction,
+               host["batch_size"], process_index, process_count)
+
+
+def _check_percent(split_percent) -> None:
+  if split_percent not in SPLIT_PERCENTS:
+    raise ValueError(f"split_percent must be one of {SPLIT_PERCENTS}, got {split_percent!r}")
+
+
+def _subset_name(split_percent: int) -> str:
+  return f"{SUBSET_DATASET}/{split_percent}pct"
+
+
+def _eval(name, split, data_dir, image_size, central_fraction, host_batch_size,
+          process_index, process_count) -> tf.data.Dataset:
+  """Padded centre-crop batches of this host's shard of `name`'s `split`."""
+  records, num_host = _host_records(name, split, data_dir, process_index, process_count)
+  num_examples = _num_examples(name, split, data_dir)
+  return pipelines.eval_dataset(
+      records, num_host, num_examples,
+      preprocess_fn=lambda b: pipelines.decode_center_crop(b, image_size, central_fraction),
+      image_size=image_size, batch_size=host_batch_size, process_count=process_count)
 
 
 def _load(name: str, split, data_dir: str | None) -> tf.data.Dataset:
