@@ -10,8 +10,8 @@ class DatasetInfo(NamedTuple):
 
   Attributes:
     num_classes: number of classes C.
-    image_shape: `(H, W, C)` of the images the host pipeline yields (for ImageNet, the default
-      `image_size=224` of the tf.data pipelines; Fashion-MNIST is grayscale).
+    image_shape: `(H, W, C)` of the evaluation images (for ImageNet the default 224 px centre
+      crop, also the default large-view side; Fashion-MNIST is grayscale).
     num_train: examples in the train split (= the unlabelled pool).
   """
   num_classes: int
