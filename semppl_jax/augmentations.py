@@ -8,22 +8,30 @@ Every public function takes a batch of images ``float [B, H, W, C]`` (NHWC, valu
 * each image of the batch draws its own randomness: the key is split into one key per image,
   and each image's key gives one vector of uniforms that feeds all of that image's decisions
   (one random draw per op keeps the compiled program small);
-* outputs are clipped to [0, 1] (interpolation and blurring are convex combinations, the clip
-  only removes rounding error; colour jitter clips after each of its operations as in BYOL);
+* outputs are clipped to [0, 1] (colour jitter clips after each of its operations, as BYOL);
 * all functions are jit-able; keyword arguments (sizes, ranges, probabilities, presets) are
   Python values, i.e. static under ``jax.jit``;
 * the same key gives the same output.
 
+The photometric operations are BYOL's, i.e. ``tf.image``'s, computed with ``dm_pix``:
+brightness adds a delta (``tf.image.adjust_brightness``), contrast scales each channel around
+its mean over the image (``tf.image.adjust_contrast``), saturation scales the HSV saturation
+(``tf.image.adjust_saturation``), hue rotates the HSV hue (``tf.image.adjust_hue``), grayscale
+is Rec. 601 luma (``tf.image.rgb_to_grayscale``), blur is a separable Gaussian with zero
+('SAME') padding and solarize inverts pixels at or above the threshold.
+
 The chain for one view (DESIGN.md §2) is ``random_resized_crop`` followed by
 ``augment_view`` = flip → colour jitter → grayscale → blur → solarize, with the two BYOL
-presets ``BYOL_VIEW_1`` / ``BYOL_VIEW_2``; ``multi_crop`` builds all large and small views.
-Per-image Bernoulli decisions use ``uniform < probability``, so probability 0 is exactly the
-identity and probability 1 always applies.
+presets ``BYOL_VIEW_1`` / ``BYOL_VIEW_2``. ``photometric_views`` runs that chain on views that
+are already cropped (e.g. by a host input pipeline); ``multi_crop`` crops all large and small
+views and hands them to it. Per-image Bernoulli decisions use ``uniform < probability``, so
+probability 0 is exactly the identity and probability 1 always applies.
 """
 import dataclasses
 import math
 from typing import Sequence, Tuple
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,13 +40,11 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# ITU-R 601 luma weights (as torchvision's rgb_to_grayscale).
-_LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
-
 # Candidate boxes tried per image before falling back to the central crop (as torchvision).
 _CROP_ATTEMPTS = 10
 
 _EXPECTED_IMAGES = "a floating array of shape [B, H, W, 1 or 3] (NHWC)"
+_EXPECTED_VIEWS = "a uint8 or floating array of shape [V, B, H, W, 1 or 3]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,6 +71,29 @@ def _prepare_images(images, name: str = "images") -> jax.Array:
   if channels == 1:
     images = jnp.broadcast_to(images, images.shape[:3] + (3,))
   return images
+
+
+def _prepare_views(views) -> jax.Array:
+  """Validates [V, B, H, W, 1 or 3] uint8 or float views; returns float32 [V, B, H, W, 3].
+
+  uint8 values are divided by 255; float values are taken to be in [0, 1] already.
+  """
+  views = jnp.asarray(views)
+  if views.ndim != 5:
+    raise ValueError(
+        f"views must be {_EXPECTED_VIEWS}; got rank {views.ndim} with shape {views.shape}.")
+  if views.dtype == jnp.uint8:
+    views = views.astype(jnp.float32) / 255.0
+  elif not jnp.issubdtype(views.dtype, jnp.floating):
+    raise ValueError(f"views must be {_EXPECTED_VIEWS}; got dtype {views.dtype}.")
+  if views.shape[-1] not in (1, 3):
+    raise ValueError(
+        f"views must be {_EXPECTED_VIEWS}; got {views.shape[-1]} channels "
+        f"(shape {views.shape}).")
+  if views.shape[2] < 1 or views.shape[3] < 1:
+    raise ValueError(f"views must have H, W >= 1; got shape {views.shape}.")
+  views = views.astype(jnp.float32)
+  return jnp.broadcast_to(views, views.shape[:4] + (3,))
 
 
 def _check_probability(value, name: str) -> float:
@@ -105,15 +134,18 @@ def _check_size(value, name: str) -> int:
   return int(value)
 
 
+def _image_uniforms(key: jax.Array, batch: int, num_uniforms: int) -> jax.Array:
+  """float32 [batch, num_uniforms] in [0, 1): row b is drawn from ``jax.random.split(key)[b]``."""
+  keys = jax.random.split(key, batch)
+  return jax.vmap(lambda k: jax.random.uniform(k, (num_uniforms,)))(keys)
+
+
 def _per_image(fn, images: jax.Array, key: jax.Array, num_uniforms: int) -> jax.Array:
   """Maps ``fn(image [H, W, 3], u float32 [num_uniforms])`` over the batch.
 
-  Each image gets its own key from ``jax.random.split(key, B)`` and ``u = U[0, 1)`` drawn from
-  it.
+  Image ``b`` gets ``u = _image_uniforms(key, B, num_uniforms)[b]``.
   """
-  keys = jax.random.split(key, images.shape[0])
-  uniforms = jax.vmap(lambda k: jax.random.uniform(k, (num_uniforms,)))(keys)
-  return jax.vmap(fn)(images, uniforms)
+  return jax.vmap(fn)(images, _image_uniforms(key, images.shape[0], num_uniforms))
 
 
 def _between(u, low, high):
@@ -213,70 +245,34 @@ def random_flip(images, key, *, probability: float = 0.5) -> jax.Array:
 
 
 def _flip(images, key, probability):
-  # Probabilities and strengths of the private batch functions may be traced (multi_crop
+  # Probabilities and strengths of the private batch functions may be traced (photometric_views
   # vmaps them over views); the public wrappers validate Python values first.
   def flip_one(image, u):
     # u in [0, 1): probability 0 never fires, probability 1 always does.
-    return jnp.where(u[0] < probability, image[:, ::-1], image)
+    return jnp.where(u[0] < probability, pix.flip_left_right(image), image)
 
   return _per_image(flip_one, images, key, 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Colour.
+# Colour (dm_pix, tf.image semantics). Each op maps one image [H, W, 3] to [H, W, 3] in [0, 1].
 # ---------------------------------------------------------------------------------------------
 
 
-def _luma(image: jax.Array) -> jax.Array:
-  """[..., 3] -> [..., 1] grayscale intensity."""
-  weights = jnp.asarray(_LUMA_WEIGHTS, jnp.float32)
-  return jnp.sum(image * weights, axis=-1, keepdims=True)
-
-
-def _rgb_to_hsv(rgb: jax.Array) -> jax.Array:
-  """[..., 3] RGB in [0, 1] -> [..., 3] HSV, all components in [0, 1] (hue in turns)."""
-  r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-  value = jnp.max(rgb, axis=-1)
-  chroma = value - jnp.min(rgb, axis=-1)
-  saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0), 0.0)
-  safe_chroma = jnp.where(chroma > 0, chroma, 1.0)
-  # Hue sector (in sixths of a turn) from whichever channel holds the maximum.
-  hue6 = jnp.where(value == r, (g - b) / safe_chroma,
-                   jnp.where(value == g, (b - r) / safe_chroma + 2.0,
-                             (r - g) / safe_chroma + 4.0))
-  hue = jnp.where(chroma > 0, jnp.mod(hue6 / 6.0, 1.0), 0.0)
-  return jnp.stack([hue, saturation, value], axis=-1)
-
-
-def _hsv_to_rgb(hsv: jax.Array) -> jax.Array:
-  """[..., 3] HSV (hue in turns) -> [..., 3] RGB, branch-free."""
-  hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-  channels = []
-  for n in (5.0, 3.0, 1.0):  # R, G, B.
-    k = jnp.mod(n + hue * 6.0, 6.0)
-    ramp = jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
-    channels.append(value - value * saturation * ramp)
-  return jnp.stack(channels, axis=-1)
-
-
 def _adjust_brightness(image, delta):
-  return jnp.clip(image + delta, 0.0, 1.0)
+  return jnp.clip(pix.adjust_brightness(image, delta), 0.0, 1.0)
 
 
 def _adjust_contrast(image, factor):
-  mean = jnp.mean(_luma(image))
-  return jnp.clip(mean + factor * (image - mean), 0.0, 1.0)
+  return jnp.clip(pix.adjust_contrast(image, factor), 0.0, 1.0)
 
 
 def _adjust_saturation(image, factor):
-  gray = _luma(image)
-  return jnp.clip(gray + factor * (image - gray), 0.0, 1.0)
+  return jnp.clip(pix.adjust_saturation(image, factor), 0.0, 1.0)
 
 
 def _adjust_hue(image, delta):
-  hsv = _rgb_to_hsv(image)
-  hsv = hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + delta, 1.0))
-  return jnp.clip(_hsv_to_rgb(hsv), 0.0, 1.0)
+  return jnp.clip(pix.adjust_hue(image, delta), 0.0, 1.0)
 
 
 def color_jitter(images, key, *, brightness: float = 0.4, contrast: float = 0.4,
@@ -284,13 +280,17 @@ def color_jitter(images, key, *, brightness: float = 0.4, contrast: float = 0.4,
                  probability: float = 0.8) -> jax.Array:
   """BYOL colour jitter: brightness, contrast, saturation, hue in a random order per image.
 
-  With the given probability an image gets all four operations, in an order drawn per image,
-  each followed by a clip to [0, 1]:
+  With the given probability an image gets all four operations, in an order drawn per image
+  (a uniformly random permutation), each followed by a clip to [0, 1]. The operations are
+  ``tf.image``'s (computed by ``dm_pix``):
 
-  * brightness: ``x + delta``, ``delta ~ U(-brightness, brightness)`` (additive, as BYOL);
-  * contrast: ``m + f (x - m)`` with ``m`` the image's mean luma, ``f ~ U(1 - c, 1 + c)``;
-  * saturation: ``g + f (x - g)`` with ``g`` the pixel's luma, ``f ~ U(1 - s, 1 + s)``;
-  * hue: rotate the HSV hue by ``delta ~ U(-hue, hue)`` turns.
+  * brightness: ``x + delta``, ``delta ~ U(-brightness, brightness)``
+    (``tf.image.adjust_brightness``);
+  * contrast: ``m_c + f (x - m_c)`` with ``m_c`` the mean of channel ``c`` over the image,
+    ``f ~ U(1 - contrast, 1 + contrast)`` (``tf.image.adjust_contrast``);
+  * saturation: the HSV saturation times ``f ~ U(1 - saturation, 1 + saturation)``, clipped to
+    [0, 1] (``tf.image.adjust_saturation``);
+  * hue: the HSV hue rotated by ``delta ~ U(-hue, hue)`` turns (``tf.image.adjust_hue``).
 
   An operation whose strength is 0 is skipped.
 
@@ -315,37 +315,56 @@ def color_jitter(images, key, *, brightness: float = 0.4, contrast: float = 0.4,
   return _jitter(images, key, brightness, contrast, saturation, hue, probability)
 
 
+# Uniforms per image drawn by colour jitter: [apply, brightness, contrast, saturation, hue,
+# 4 order keys].
+_JITTER_UNIFORMS = 9
+
+
+def _jitter_plan(u, brightness, contrast, saturation, hue):
+  """One image's jitter parameters from its uniforms ``u`` float32 [9].
+
+  Returns:
+    ``(apply_u, (brightness_delta, contrast_factor, saturation_factor, hue_delta), order)``:
+    the image is jittered iff ``apply_u < probability``; ``order`` int32 [4] is a permutation
+    of the op indices (0 brightness, 1 contrast, 2 saturation, 3 hue), applied first to last.
+  """
+  amounts = (_between(u[1], -brightness, brightness),
+             _between(u[2], 1.0 - contrast, 1.0 + contrast),
+             _between(u[3], 1.0 - saturation, 1.0 + saturation),
+             _between(u[4], -hue, hue))
+  # argsort of i.i.d. uniforms is a uniformly random permutation.
+  return u[0], amounts, jnp.argsort(u[5:9])
+
+
 def _jitter(images, key, brightness, contrast, saturation, hue, probability):
+  # Strengths and the probability may be traced (photometric_views vmaps them over views).
 
   def unless_zero(strength, op):
     # A zero-strength op is skipped, so that it does not even round.
     return lambda x: jnp.where(strength > 0, op(x), x)
 
   def jitter_one(image, u):
-    b_delta = _between(u[1], -brightness, brightness)
-    c_factor = _between(u[2], 1.0 - contrast, 1.0 + contrast)
-    s_factor = _between(u[3], 1.0 - saturation, 1.0 + saturation)
-    h_delta = _between(u[4], -hue, hue)
+    apply_u, (b_delta, c_factor, s_factor, h_delta), order = _jitter_plan(
+        u, brightness, contrast, saturation, hue)
     ops = [
         unless_zero(brightness, lambda x: _adjust_brightness(x, b_delta)),
         unless_zero(contrast, lambda x: _adjust_contrast(x, c_factor)),
         unless_zero(saturation, lambda x: _adjust_saturation(x, s_factor)),
         unless_zero(hue, lambda x: _adjust_hue(x, h_delta)),
     ]
-    order = jnp.argsort(u[5:9])  # A uniformly random permutation of the four ops.
     # Position p applies op order[p]. A loop (not unrolled) keeps the compiled program small:
     # under vmap the switch evaluates all four ops and selects per image.
     jittered = jax.lax.fori_loop(
         0, len(ops), lambda position, x: jax.lax.switch(order[position], ops, x), image)
-    return jnp.where(u[0] < probability, jittered, image)
+    return jnp.where(apply_u < probability, jittered, image)
 
-  return _per_image(jitter_one, images, key, 9)
+  return _per_image(jitter_one, images, key, _JITTER_UNIFORMS)
 
 
 def random_grayscale(images, key, *, probability: float = 0.2) -> jax.Array:
   """Replaces each image, with the given probability, by its luma on all three channels.
 
-  Luma = 0.2989 R + 0.5870 G + 0.1140 B.
+  Luma = 0.2989 R + 0.5870 G + 0.1140 B (Rec. 601, ``tf.image.rgb_to_grayscale``).
 
   Args:
     images: float [B, H, W, C], C in {1, 3}; C = 1 is broadcast to 3 (then luma = 0.9999 x).
@@ -361,7 +380,7 @@ def random_grayscale(images, key, *, probability: float = 0.2) -> jax.Array:
 
 def _grayscale(images, key, probability):
   def gray_one(image, u):
-    gray = jnp.broadcast_to(_luma(image), image.shape)
+    gray = pix.rgb_to_grayscale(image, keep_dims=True)
     return jnp.where(u[0] < probability, gray, image)
 
   return _per_image(gray_one, images, key, 1)
@@ -380,31 +399,14 @@ def default_blur_kernel_size(height: int, width: int) -> int:
   return max(3, 2 * int(0.1 * min(height, width) / 2) + 1)
 
 
-def _blur_axis(image: jax.Array, weights: jax.Array, axis: int) -> jax.Array:
-  """1-D convolution of ``image`` along ``axis`` with reflect padding.
-
-  Written as ``x + sum_k w_k (x_shifted_k - x)``: with sum(w) = 1 this is the usual
-  convolution, and a constant image stays bit-exactly constant (every difference is 0).
-  """
-  size = image.shape[axis]
-  radius = (weights.shape[0] - 1) // 2
-  # Static reflect indices (numpy handles pads longer than the image by repeated reflection).
-  index = np.pad(np.arange(size), radius, mode="reflect" if size > 1 else "edge")
-  padded = jnp.take(image, jnp.asarray(index), axis=axis)
-  out = jnp.zeros_like(image)
-  for k in range(weights.shape[0]):
-    shifted = jax.lax.slice_in_dim(padded, k, k + size, axis=axis)
-    out = out + weights[k] * (shifted - image)
-  return image + out
-
-
 def gaussian_blur(images, key, *, probability: float, sigma_range=(0.1, 2.0),
                   kernel_size=None) -> jax.Array:
   """Separable Gaussian blur with a per-image ``sigma ~ U(sigma_range)``, applied with a
   probability.
 
-  The kernel ``exp(-d^2 / (2 sigma^2))`` over ``d = -r..r`` is normalised to sum 1; borders use
-  reflect padding, so a constant image is returned exactly unchanged.
+  As BYOL (``dm_pix.gaussian_blur``): the kernel ``exp(-d^2 / (2 sigma^2))`` over
+  ``d = -r..r`` is normalised to sum 1 and convolved along H, then W, with zero ('SAME')
+  padding, so pixels within ``r`` of the border are darkened by the missing neighbours.
 
   Args:
     images: float [B, H, W, C], C in {1, 3}, values in [0, 1]; C = 1 is broadcast to 3.
@@ -429,13 +431,9 @@ def gaussian_blur(images, key, *, probability: float, sigma_range=(0.1, 2.0),
 
 
 def _blur(images, key, probability, sigma_low, sigma_high, kernel_size: int):
-  offsets = jnp.arange(kernel_size, dtype=jnp.float32) - (kernel_size - 1) / 2
-
   def blur_one(image, u):
     sigma = _between(u[1], sigma_low, sigma_high)
-    weights = jnp.exp(-jnp.square(offsets) / (2.0 * jnp.square(sigma)))
-    weights = weights / jnp.sum(weights)
-    blurred = _blur_axis(_blur_axis(image, weights, axis=0), weights, axis=1)
+    blurred = pix.gaussian_blur(image, sigma, kernel_size, padding="SAME")
     return jnp.where(u[0] < probability, blurred, image)
 
   return jnp.clip(_per_image(blur_one, images, key, 2), 0.0, 1.0)
@@ -444,8 +442,8 @@ def _blur(images, key, probability, sigma_low, sigma_high, kernel_size: int):
 def solarize(images, key, *, probability: float, threshold: float = 0.5) -> jax.Array:
   """Solarizes each image with the given probability.
 
-  Convention (as BYOL and PIL): pixels at or above the threshold are inverted,
-  ``x -> 1 - x`` for ``x >= threshold``; pixels below it are untouched.
+  Convention (as BYOL, PIL and ``dm_pix.solarize``): pixels at or above the threshold are
+  inverted, ``x -> 1 - x`` for ``x >= threshold``; pixels below it are untouched.
 
   Args:
     images: float [B, H, W, C], C in {1, 3}, values in [0, 1]; C = 1 is broadcast to 3.
@@ -463,8 +461,7 @@ def solarize(images, key, *, probability: float, threshold: float = 0.5) -> jax.
 
 def _solarize(images, key, probability, threshold):
   def solarize_one(image, u):
-    solarized = jnp.where(image >= threshold, 1.0 - image, image)
-    return jnp.where(u[0] < probability, solarized, image)
+    return jnp.where(u[0] < probability, pix.solarize(image, threshold), image)
 
   return _per_image(solarize_one, images, key, 1)
 
@@ -569,21 +566,61 @@ def _augment(images, key, params):
                    params["solarize_threshold"])
 
 
+def _check_presets(presets) -> Tuple[ViewPreset, ...]:
+  presets = tuple(presets)
+  if not presets or not all(isinstance(p, ViewPreset) for p in presets):
+    raise ValueError("presets must be a non-empty sequence of ViewPreset.")
+  return presets
+
+
+def _photometric(views: jax.Array, key: jax.Array, presets: Tuple[ViewPreset, ...]):
+  """photometric_views on validated float32 [V, B, H, W, 3] views."""
+  num_views = views.shape[0]
+  if num_views == 0:
+    return views
+  view_keys = jnp.stack([jax.random.fold_in(key, v) for v in range(num_views)])
+  # The presets become per-view parameter arrays, so all views share one compiled chain.
+  per_view = [_preset_params(presets[v % len(presets)]) for v in range(num_views)]
+  params = {name: jnp.asarray([p[name] for p in per_view], jnp.float32) for name in per_view[0]}
+  return jax.vmap(_augment)(views, view_keys, params)
+
+
+def photometric_views(views, key, *, presets: Sequence[ViewPreset] = (BYOL_VIEW_1, BYOL_VIEW_2)):
+  """The photometric chain of ``augment_view`` on views that are already cropped.
+
+  For inputs whose crops come from elsewhere (e.g. a host pipeline that decodes and crops
+  ImageNet): view ``v`` is ``augment_view(views[v], jax.random.fold_in(key, v),
+  preset=presets[v % P])``, i.e. flip → colour jitter → grayscale → blur → solarize with the
+  presets alternating over the views (default: ``BYOL_VIEW_1`` for even ``v``, ``BYOL_VIEW_2``
+  for odd). All views run as one computation vmapped over ``V``.
+
+  Args:
+    views: uint8 [V, B, H, W, C] (0..255, divided by 255) or float [V, B, H, W, C] in [0, 1];
+      C in {1, 3}, C = 1 is broadcast to 3. V may be 0.
+    key: a PRNG key.
+    presets: non-empty sequence of ``ViewPreset`` cycled over the views.
+
+  Returns:
+    float32 [V, B, H, W, 3] in [0, 1].
+  """
+  return _photometric(_prepare_views(views), key, _check_presets(presets))
+
+
 def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
                small_size: int, large_scale=(0.08, 1.0), small_scale=(0.08, 1.0),
                ratio=(3.0 / 4.0, 4.0 / 3.0),
                presets: Sequence[ViewPreset] = (BYOL_VIEW_1, BYOL_VIEW_2)):
   """All views of a batch: ``num_large`` large and ``num_small`` small augmented crops.
 
-  View ``v`` (large views ``v = 0..L-1``, then small views ``v = L..L+S-1``) uses the key
-  ``jax.random.fold_in(key, v)``, split by ``jax.random.split`` into ``(crop_key,
-  augment_key)``; the view is ``augment_view(random_resized_crop(images, crop_key, ...),
-  augment_key, preset=...)`` (all views of a group run as one computation vmapped over views,
-  the presets entering as per-view parameter arrays). Within each
-  group the presets alternate: large view ``i`` and small view ``j`` use ``presets[i % P]`` and
-  ``presets[j % P]`` (default: ``BYOL_VIEW_1`` for even, ``BYOL_VIEW_2`` for odd). Both groups
-  crop with aspect ratio in ``ratio``; the default area range is DESIGN.md's 0.08–1 for both
-  (pass e.g. ``small_scale=(0.05, 0.14)`` for SwAV-style small crops).
+  With ``crop_key, photo_key = jax.random.split(key)``: view ``v`` (large views
+  ``v = 0..L-1``, then small views ``v = L..L+S-1``) is cropped by ``random_resized_crop``
+  with the key ``jax.random.fold_in(crop_key, v)``; then each group goes through
+  ``photometric_views`` (large views with ``jax.random.fold_in(photo_key, 0)``, small views with
+  ``jax.random.fold_in(photo_key, 1)``). So within each group the presets alternate: large view
+  ``i`` and small view ``j`` use ``presets[i % P]`` and ``presets[j % P]`` (default:
+  ``BYOL_VIEW_1`` for even, ``BYOL_VIEW_2`` for odd). Both groups crop with aspect ratio in
+  ``ratio``; the default area range is DESIGN.md's 0.08–1 for both (pass e.g.
+  ``small_scale=(0.05, 0.14)`` for SwAV-style small crops).
 
   Args:
     images: float [B, H, W, C], C in {1, 3}, values in [0, 1]; C = 1 is broadcast to 3.
@@ -611,27 +648,18 @@ def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
   large_scale = _check_range(large_scale, "large_scale")
   small_scale = _check_range(small_scale, "small_scale")
   ratio = _check_range(ratio, "ratio")
-  presets = tuple(presets)
-  if not presets or not all(isinstance(p, ViewPreset) for p in presets):
-    raise ValueError("presets must be a non-empty sequence of ViewPreset.")
+  presets = _check_presets(presets)
+  crop_key, photo_key = jax.random.split(key)
 
-  def group(first_view, count, size, scale):
-    """Views first_view..first_view+count-1 as one computation vmapped over the views."""
+  def crops(first_view, count, size, scale):
+    """[count, B, size, size, 3]: views first_view.., cropped as one vmapped computation."""
     if count == 0:
       return jnp.zeros((0, images.shape[0], size, size, 3), jnp.float32)
-    view_keys = jnp.stack([jax.random.fold_in(key, first_view + i) for i in range(count)])
-    # The presets become per-view parameter arrays, so all views share one compiled chain.
-    per_view = [_preset_params(presets[i % len(presets)]) for i in range(count)]
-    params = {name: jnp.asarray([p[name] for p in per_view], jnp.float32)
-              for name in per_view[0]}
+    keys = jnp.stack([jax.random.fold_in(crop_key, first_view + i) for i in range(count)])
+    return jax.vmap(lambda k: random_resized_crop(
+        images, k, output_size=size, scale=scale, ratio=ratio))(keys)
 
-    def one_view(view_key, view_params):
-      crop_key, augment_key = jax.random.split(view_key)
-      crops = random_resized_crop(images, crop_key, output_size=size, scale=scale, ratio=ratio)
-      return _augment(crops, augment_key, view_params)
-
-    return jax.vmap(one_view)(view_keys, params)
-
-  large = group(0, int(num_large), large_size, large_scale)
-  small = group(int(num_large), int(num_small), small_size, small_scale)
-  return large, small
+  large = crops(0, int(num_large), large_size, large_scale)
+  small = crops(int(num_large), int(num_small), small_size, small_scale)
+  return (_photometric(large, jax.random.fold_in(photo_key, 0), presets),
+          _photometric(small, jax.random.fold_in(photo_key, 1), presets))

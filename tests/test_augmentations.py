@@ -1,4 +1,4 @@
-"""Tests for semppl_jax.augmentations against numpy / colorsys references (tiny images)."""
+"""Tests for semppl_jax.augmentations against tf.image, numpy and colorsys references."""
 import colorsys
 import functools
 import inspect
@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from semppl_jax import augmentations as aug
 
@@ -31,6 +32,10 @@ GRAY_PRESET = aug.ViewPreset(blur_probability=0.1, solarize_probability=0.2,
 # One multi_crop compile for all multi_crop tests.
 multi = jax.jit(functools.partial(aug.multi_crop, num_large=2, num_small=3, large_size=12,
                                   small_size=8, presets=(COLOR_PRESET, GRAY_PRESET)))
+photo = jax.jit(functools.partial(aug.photometric_views, presets=(COLOR_PRESET, GRAY_PRESET)))
+view_color = jax.jit(functools.partial(aug.augment_view, preset=COLOR_PRESET))
+view_gray = jax.jit(functools.partial(aug.augment_view, preset=GRAY_PRESET))
+VIEWS = np.stack([RGB, RGB[::-1], 1.0 - RGB])  # Pre-cropped views [V=3, B, H, W, 3].
 
 
 def _run(fn, images, key, **kwargs):
@@ -44,10 +49,6 @@ def _check_basic(out, shape):
   assert out.dtype == np.float32
   assert np.all(out >= 0.0) and np.all(out <= 1.0)
   return out
-
-
-def _luma(x):
-  return x @ np.array([0.2989, 0.5870, 0.1140], np.float32)
 
 
 # ----------------------------------------------------------------------------- shapes / keys
@@ -179,11 +180,61 @@ def test_flip_rate_is_about_one_half():
 
 
 # ----------------------------------------------------------------------------- colour
+#
+# References are tf.image's ops (what BYOL uses), each followed by a clip to [0, 1] as BYOL.
+
+# Random pixels plus the corners of the RGB cube and gray pixels, where HSV is degenerate.
+_EDGE_PIXELS = np.array([[0, 0, 0], [1, 1, 1], [1, 0, 0], [0, 1, 1], [0.5, 0.5, 0.5],
+                         [1, 1, 0], [0.2, 0.2, 0.9], [0, 0, 0.3]], np.float32)
+COLOR_IMAGES = RGB.copy()
+COLOR_IMAGES[:, 0, :8] = _EDGE_PIXELS
+
+_TF_OPS = {
+    "brightness": tf.image.adjust_brightness,
+    "contrast": tf.image.adjust_contrast,
+    "saturation": tf.image.adjust_saturation,
+    "hue": tf.image.adjust_hue,
+}
+_OURS = {
+    "brightness": aug._adjust_brightness,
+    "contrast": aug._adjust_contrast,
+    "saturation": aug._adjust_saturation,
+    "hue": aug._adjust_hue,
+}
+_JITTER_OP_NAMES = ("brightness", "contrast", "saturation", "hue")  # The op indices 0..3.
 
 
-def test_grayscale_matches_luma_and_has_equal_channels():
-  out = np.asarray(_run(aug.random_grayscale, RGB, KEY, probability=1.0))
-  np.testing.assert_allclose(out, np.repeat(_luma(RGB)[..., None], 3, axis=-1), atol=1e-6)
+def _tf_op(name, image, amount):
+  return np.clip(_TF_OPS[name](tf.constant(image), float(amount)).numpy(), 0.0, 1.0)
+
+
+@pytest.mark.parametrize("name,amounts", [
+    ("brightness", [-0.4, -0.05, 0.2, 0.4]),
+    ("contrast", [0.6, 0.9, 1.2, 1.4]),
+    ("saturation", [0.0, 0.8, 1.2, 3.0]),
+    ("hue", [-0.5, -0.1, 0.1, 0.45]),
+])
+def test_colour_ops_match_tf_image(name, amounts):
+  # One compile per op: the amount is a traced per-image argument.
+  op = jax.jit(jax.vmap(_OURS[name]))
+  out = np.asarray(op(COLOR_IMAGES, jnp.asarray(amounts, jnp.float32)))
+  assert np.all(out >= 0.0) and np.all(out <= 1.0)
+  for image, amount, result in zip(COLOR_IMAGES, amounts, out):
+    np.testing.assert_allclose(result, _tf_op(name, image, amount), atol=1e-5)
+
+
+def test_contrast_is_around_each_channels_mean():
+  # tf.image semantics (not torchvision's mean luma): a contrast of 0 gives every channel its
+  # own mean over the image.
+  out = np.asarray(aug._adjust_contrast(jnp.asarray(RGB[0]), 0.0))
+  np.testing.assert_allclose(out, np.broadcast_to(RGB[0].mean(axis=(0, 1)), out.shape),
+                             atol=1e-6)
+
+
+def test_grayscale_matches_tf_image_and_has_equal_channels():
+  out = np.asarray(_run(aug.random_grayscale, COLOR_IMAGES, KEY, probability=1.0))
+  expected = tf.image.rgb_to_grayscale(COLOR_IMAGES).numpy()
+  np.testing.assert_allclose(out, np.repeat(expected, 3, axis=-1), atol=1e-6)
   assert np.all(out[..., 0] == out[..., 1]) and np.all(out[..., 1] == out[..., 2])
 
 
@@ -193,6 +244,47 @@ def test_grayscale_with_probability_half_mixes():
   gray = np.all(out[..., 0] == out[..., 2], axis=(1, 2))
   untouched = np.all(out == images, axis=(1, 2, 3))
   assert np.all(gray ^ untouched) and 0 < gray.sum() < len(images)
+
+
+def _jitter_reference(image, u, order=None, strengths=(0.4, 0.4, 0.2, 0.1), probability=0.8):
+  """BYOL's jitter of one image with tf.image ops, from the image's uniforms ``u``."""
+  apply_u, amounts, drawn_order = aug._jitter_plan(jnp.asarray(u), *strengths)
+  if apply_u >= probability:
+    return image
+  for index in (drawn_order if order is None else order):
+    image = _tf_op(_JITTER_OP_NAMES[int(index)], image, amounts[int(index)])
+  return image
+
+
+def test_color_jitter_matches_tf_reference_in_a_random_order_per_image():
+  n = 24
+  images = np.concatenate([COLOR_IMAGES] * (n // B))
+  out = np.asarray(jitter(images, KEY))  # Default BYOL strengths, probability 0.8.
+  uniforms = np.asarray(aug._image_uniforms(KEY, n, aug._JITTER_UNIFORMS))
+  orders, order_matters, jittered = set(), 0, 0
+  for image, u, result in zip(images, uniforms, out):
+    np.testing.assert_allclose(result, _jitter_reference(image, u), atol=1e-5)
+    if u[0] < 0.8:
+      jittered += 1
+      orders.add(tuple(np.argsort(u[5:9])))
+      fixed = _jitter_reference(image, u, order=(0, 1, 2, 3))
+      order_matters += np.abs(fixed - result).max() > 1e-3
+  # Some images are left alone, the others draw different orders, and the order changes the
+  # output (so applying the ops in one fixed order would fail the comparison above).
+  assert 0 < jittered < n and len(orders) > 3 and order_matters > 0
+
+
+def test_jitter_plan_draws_amounts_in_range_per_image():
+  uniforms = aug._image_uniforms(KEY, 64, aug._JITTER_UNIFORMS)
+  apply_u, amounts, orders = jax.vmap(lambda u: aug._jitter_plan(u, 0.4, 0.3, 0.2, 0.1))(uniforms)
+  bounds = [(-0.4, 0.4), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)]
+  for values, (low, high) in zip(amounts, bounds):
+    values = np.asarray(values)
+    assert np.all(values >= low) and np.all(values <= high)
+    assert np.ptp(values) > 0.5 * (high - low)  # Spread over the range, one draw per image.
+  assert np.all(np.sort(np.asarray(orders), axis=1) == np.arange(4))
+  assert len({tuple(o) for o in np.asarray(orders)}) > 10
+  assert 0.0 <= float(np.min(apply_u)) and float(np.max(apply_u)) < 1.0
 
 
 def test_hue_and_saturation_jitter_keep_gray_images_gray():
@@ -215,28 +307,6 @@ def test_brightness_jitter_is_an_additive_shift():
   assert np.all(np.abs(delta[:, 0]) <= 0.4) and np.ptp(delta[:, 0]) > 0
 
 
-def test_contrast_jitter_blends_with_mean_luma():
-  images = 0.4 + 0.2 * RGB
-  out = np.asarray(_run(aug.color_jitter, images, KEY, brightness=0.0, contrast=0.4,
-                        saturation=0.0, hue=0.0, probability=1.0))
-  for image, result in zip(images, out):
-    mean = _luma(image).mean()
-    factor = np.sum((result - mean) * (image - mean)) / np.sum((image - mean) ** 2)
-    assert 0.6 <= factor <= 1.4
-    np.testing.assert_allclose(result, mean + factor * (image - mean), atol=1e-5)
-
-
-def test_saturation_jitter_blends_with_pixel_luma():
-  images = 0.4 + 0.2 * RGB
-  out = np.asarray(_run(aug.color_jitter, images, KEY, brightness=0.0, contrast=0.0,
-                        saturation=0.2, hue=0.0, probability=1.0))
-  for image, result in zip(images, out):
-    gray = _luma(image)[..., None]
-    factor = np.sum((result - gray) * (image - gray)) / np.sum((image - gray) ** 2)
-    assert 0.8 <= factor <= 1.2
-    np.testing.assert_allclose(result, gray + factor * (image - gray), atol=1e-5)
-
-
 def _hue_rotate_reference(image, delta):
   flat = image.reshape(-1, 3).astype(np.float64)
   out = []
@@ -244,13 +314,6 @@ def _hue_rotate_reference(image, delta):
     h, s, v = colorsys.rgb_to_hsv(r, g, b)
     out.append(colorsys.hsv_to_rgb((h + delta) % 1.0, s, v))
   return np.asarray(out).reshape(image.shape)
-
-
-@pytest.mark.parametrize("delta", [0.3, -0.2, 0.5])
-def test_hue_rotation_matches_colorsys(delta):
-  image = RGB[0]
-  out = np.asarray(aug._adjust_hue(jnp.asarray(image), delta))
-  np.testing.assert_allclose(out, _hue_rotate_reference(image, delta), atol=1e-5)
 
 
 def test_hue_jitter_is_a_per_image_hue_rotation():
@@ -267,52 +330,44 @@ def test_hue_jitter_is_a_per_image_hue_rotation():
   assert len(set(np.round(deltas, 4))) == B  # Each image draws its own rotation.
 
 
-def test_jitter_order_is_random_per_image():
-  # Contrast (blend with the image's mean luma m) and hue rotation H do not commute:
-  #   hue first:      m' + c (H(x) - m'),  m' = mean luma of H(x);
-  #   contrast first: m  + c (H(x) - m)    (blending with gray keeps the hue).
-  # Fit out = a + c H(x) per image and read the gray level a / (1 - c): both orders must occur.
-  rng = np.random.default_rng(2)
-  images = rng.uniform(0.3, 0.7, (32, 4, 4, 3)).astype(np.float32)
-  images[..., 0], images[..., 2] = 0.7, 0.3  # Saturated orange hues; nothing clips below.
-  out = np.asarray(_run(aug.color_jitter, images, KEY, brightness=0.0, contrast=0.4,
-                        saturation=0.0, hue=0.5, probability=1.0))
-  hue_first = []
-  for image, result in zip(images, out):
-    delta = (colorsys.rgb_to_hsv(*result[0, 0])[0] - colorsys.rgb_to_hsv(*image[0, 0])[0]) % 1
-    rotated = _hue_rotate_reference(image, delta)
-    design = np.stack([np.ones(rotated.size), rotated.ravel()], axis=1)
-    (a, c), *_ = np.linalg.lstsq(design, result.ravel().astype(np.float64), rcond=None)
-    np.testing.assert_allclose(a + c * rotated, result, atol=1e-4)
-    assert 0.6 - 1e-4 <= c <= 1.4 + 1e-4
-    m_before, m_after = _luma(image).mean(), _luma(rotated).mean()
-    if abs(1 - c) * abs(m_before - m_after) < 0.01:
-      continue  # Orders indistinguishable for this image.
-    gray_level = a / (1 - c)
-    hue_first.append(abs(gray_level - m_after) < abs(gray_level - m_before))
-  assert len(hue_first) >= 8 and 0 < sum(hue_first) < len(hue_first)
-
-
 # ----------------------------------------------------------------------------- blur / solarize
 
 
-def test_blur_keeps_a_constant_image_exactly_constant():
-  images = np.full((B, H, W, 3), 0.37, np.float32)
-  out = _run(aug.gaussian_blur, images, KEY, probability=1.0)
-  np.testing.assert_array_equal(np.asarray(out), images)
-
-
-def test_blur_matches_separable_reference():
-  sigma, size = 1.3, 5
-  out = _run(aug.gaussian_blur, RGB, KEY, probability=1.0, sigma_range=(sigma, sigma),
-             kernel_size=size)
+def _blur_reference(images, sigma, size):
+  """Separable Gaussian blur with zero padding (BYOL's 'SAME' depthwise convolution)."""
   d = np.arange(size) - size // 2
   k = np.exp(-d ** 2 / (2 * sigma ** 2))
   k /= k.sum()
-  padded = np.pad(RGB.astype(np.float64), ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
-  rows = sum(k[i] * padded[:, i:i + H] for i in range(size))
-  expected = sum(k[j] * rows[:, :, j:j + W] for j in range(size))
-  np.testing.assert_allclose(np.asarray(out), expected, atol=1e-5)
+  r = size // 2
+  padded = np.pad(images.astype(np.float64), ((0, 0), (r, r), (r, r), (0, 0)))
+  rows = sum(k[i] * padded[:, i:i + images.shape[1]] for i in range(size))
+  return sum(k[j] * rows[:, :, j:j + images.shape[2]] for j in range(size))
+
+
+def test_blur_matches_zero_padded_separable_reference():
+  sigma, size = 1.3, 5
+  out = _run(aug.gaussian_blur, RGB, KEY, probability=1.0, sigma_range=(sigma, sigma),
+             kernel_size=size)
+  np.testing.assert_allclose(np.asarray(out), _blur_reference(RGB, sigma, size), atol=1e-5)
+
+
+def test_blur_keeps_a_constant_interior_and_darkens_the_border():
+  images = np.full((B, H, W, 3), 0.37, np.float32)
+  out = np.asarray(_run(aug.gaussian_blur, images, KEY, probability=1.0, sigma_range=(1.0, 1.0),
+                        kernel_size=5))
+  np.testing.assert_allclose(out[:, 2:-2, 2:-2], images[:, 2:-2, 2:-2], atol=1e-6)
+  assert np.all(out[:, 0, :] < 0.37 - 1e-3) and np.all(out[:, :, -1] < 0.37 - 1e-3)
+
+
+def test_blur_sigma_is_drawn_per_image():
+  images = np.repeat(RGB[:1], 8, axis=0)
+  out = np.asarray(_run(aug.gaussian_blur, images, KEY, probability=1.0, kernel_size=5))
+  # Image b uses its uniforms [apply, sigma]: sigma = 0.1 + 1.9 u[1].
+  sigmas = 0.1 + 1.9 * np.asarray(aug._image_uniforms(KEY, 8, 2))[:, 1]
+  for o, sigma in zip(out, sigmas):
+    np.testing.assert_allclose(o, _blur_reference(images[:1], sigma, 5)[0], atol=1e-5)
+  assert np.ptp(sigmas) > 0.5
+  assert all(not np.allclose(out[i], out[j]) for i in range(8) for j in range(i))
 
 
 def test_default_blur_kernel_size():
@@ -365,10 +420,38 @@ def test_grayscale_input_is_broadcast_to_three_channels():
   assert out.shape == (B, H, W, 3)
   np.testing.assert_array_equal(out, np.asarray(view_2(np.repeat(GRAY1, 3, axis=-1), KEY)))
   np.testing.assert_allclose(out[..., 0], out[..., 2], atol=1e-6)  # Gray stays gray.
-  # multi_crop validates and broadcasts the same way (shapes only: no extra compile).
+  # multi_crop and photometric_views validate and broadcast the same way (shapes only: no
+  # extra compile).
   large, small = jax.eval_shape(multi, GRAY1, KEY)
   assert large.shape == (2, B, 12, 12, 3) and small.shape == (3, B, 8, 8, 3)
   assert large.dtype == small.dtype == jnp.float32
+  views = jax.eval_shape(photo, GRAY1[None], KEY)
+  assert views.shape == (1, B, H, W, 3) and views.dtype == jnp.float32
+
+
+def test_photometric_views_is_augment_view_per_view_with_alternating_presets():
+  out = _check_basic(photo(VIEWS, KEY), (3, B, H, W, 3))
+  for v, view_fn in enumerate((view_color, view_gray, view_color)):
+    expected = view_fn(VIEWS[v], jax.random.fold_in(KEY, v))
+    np.testing.assert_allclose(out[v], np.asarray(expected), atol=1e-5)
+  is_gray = [bool(np.all(view[..., 0] == view[..., 2])) for view in out]
+  assert is_gray == [False, True, False]
+  np.testing.assert_array_equal(out, np.asarray(photo(VIEWS, KEY)))
+  assert not np.array_equal(out, np.asarray(photo(VIEWS, OTHER_KEY)))
+
+
+def test_photometric_views_takes_uint8_as_value_over_255():
+  views = np.round(VIEWS * 255).astype(np.uint8)
+  out = _check_basic(photo(views, KEY), (3, B, H, W, 3))
+  expected = photo(views.astype(np.float32) / 255.0, KEY)
+  np.testing.assert_allclose(out, np.asarray(expected), atol=1e-6)
+
+
+def test_photometric_views_defaults_and_no_views():
+  default = inspect.signature(aug.photometric_views).parameters["presets"].default
+  assert tuple(default) == (aug.BYOL_VIEW_1, aug.BYOL_VIEW_2)
+  out = aug.photometric_views(np.zeros((0, B, H, W, 3), np.uint8), KEY)
+  assert out.shape == (0, B, H, W, 3) and out.dtype == jnp.float32
 
 
 def test_multi_crop_shapes_and_keys():
@@ -399,13 +482,15 @@ def test_multi_crop_default_presets_are_the_byol_pair():
   assert tuple(default) == (aug.BYOL_VIEW_1, aug.BYOL_VIEW_2)
 
 
-def test_multi_crop_view_is_crop_then_augment_view():
-  # Small view 2 is global view L + 2 = 4 and uses presets[2 % 2] = COLOR_PRESET.
+def test_multi_crop_view_is_crop_then_photometric_chain():
+  # Small view 2 is global view L + 2 = 4: it is cropped with fold_in(crop_key, 4), and it is
+  # view 2 of the small group, whose photometric key is fold_in(photo_key, 1); preset
+  # presets[2 % 2] = COLOR_PRESET.
   _, small = multi(RGB, KEY)
-  crop_key, augment_key = jax.random.split(jax.random.fold_in(KEY, 4))
-  crops = crop_8(RGB, crop_key)
-  expected = _run(aug.augment_view, crops, augment_key, preset=COLOR_PRESET)
-  np.testing.assert_allclose(np.asarray(small[2]), np.asarray(expected), atol=1e-6)
+  crop_key, photo_key = jax.random.split(KEY)
+  crops = crop_8(RGB, jax.random.fold_in(crop_key, 4))
+  expected = view_color(crops, jax.random.fold_in(jax.random.fold_in(photo_key, 1), 2))
+  np.testing.assert_allclose(np.asarray(small[2]), np.asarray(expected), atol=1e-5)
 
 
 def test_multi_crop_without_small_views():
@@ -456,6 +541,16 @@ def test_bad_probability_raises(fn, name, value):
     fn(RGB, KEY, probability=value)
 
 
+@pytest.mark.parametrize("views", [
+    np.zeros((B, H, W, 3), np.uint8),        # Rank 4.
+    np.zeros((2, B, H, W, 3), np.int32),     # Integer dtype other than uint8.
+    np.zeros((2, B, H, W, 2), np.float32),   # Two channels.
+])
+def test_bad_views_raise(views):
+  with pytest.raises(ValueError, match=r"\[V, B, H, W, 1 or 3\]"):
+    aug.photometric_views(views, KEY)
+
+
 def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="scale"):
     aug.random_resized_crop(RGB, KEY, output_size=8, scale=(0.5, 0.2))
@@ -475,3 +570,5 @@ def test_bad_arguments_raise():
     aug.multi_crop(RGB, KEY, num_large=1, num_small=-1, large_size=8, small_size=4)
   with pytest.raises(ValueError, match="preset"):
     aug.augment_view(RGB, KEY, preset={"blur_probability": 1.0})
+  with pytest.raises(ValueError, match="presets"):
+    aug.photometric_views(VIEWS, KEY, presets=())
