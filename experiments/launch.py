@@ -49,9 +49,11 @@ _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
 
 
 def checkpointer_factory(config, mode):
-  """Orbax checkpoints on disk under <checkpoint_dir>/checkpoints, the last N kept."""
+  """Orbax checkpoints under <checkpoint_dir>/checkpoints (a path or gs://...), last N kept."""
   del mode
-  directory = os.path.join(os.path.abspath(config.checkpoint_dir), "checkpoints")
+  root = config.checkpoint_dir
+  # A bucket URL (gs://...) is used as it is; Orbax and TensorBoard write there natively.
+  directory = os.path.join(root if "://" in root else os.path.abspath(root), "checkpoints")
   return checkpointing.OrbaxCheckpointer(directory, max_to_keep=config.max_checkpoints_to_keep)
 
 
