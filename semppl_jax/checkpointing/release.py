@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from semppl_jax.checkpointing.errors import CheckpointError
+from semppl_jax.checkpointing.errors import CheckpointError, clip, describe, describe_all
 from semppl_jax.checkpointing.unpickler import NP_RECONSTRUCT, NP_SCALAR, unpickle_file
 
 # Modules of a Haiku parameter tree: {module_name: {param_name: array}}.
@@ -57,8 +57,8 @@ def _as_mapping(obj: Any) -> Mapping | None:
 def _describe(obj: Any) -> str:
   mapping = _as_mapping(obj)
   if mapping is not None:
-    return f"{type(obj).__name__} with keys {sorted(map(str, mapping))}"
-  return type(obj).__name__
+    return f"{clip(type(obj).__name__)} with keys {describe_all(mapping)}"
+  return clip(type(obj).__name__)
 
 
 def _to_array(value: Any, where: str) -> np.ndarray:
@@ -67,7 +67,7 @@ def _to_array(value: Any, where: str) -> np.ndarray:
   elif isinstance(value, (np.generic, int, float)) and not isinstance(value, bool):
     array = np.asarray(value)
   else:
-    raise CheckpointError(f"{where}: expected a numeric array, found {type(value).__name__}")
+    raise CheckpointError(f"{where}: expected a numeric array, found {clip(type(value).__name__)}")
   if array.dtype.hasobject or array.dtype.kind not in "biuf":
     raise CheckpointError(f"{where}: expected a numeric array, found dtype {array.dtype}")
   return array
@@ -79,19 +79,20 @@ def _module_tree(obj: Any, what: str) -> ModuleTree:
   if modules is None:
     raise CheckpointError(
         f"{what}: expected a mapping {{module_name: {{param_name: array}}}}, found "
-        f"{type(obj).__name__}")
+        f"{describe(obj)}")
   tree: ModuleTree = {}
   for module, leaves in modules.items():
     leaves_map = _as_mapping(leaves)
     if not isinstance(module, str) or leaves_map is None:
       raise CheckpointError(
           f"{what}: expected {{module_name (str): {{param_name: array}}}}, found entry "
-          f"{module!r}: {type(leaves).__name__}")
+          f"{describe(module)}: {describe(leaves)}")
     tree[module] = {}
     for name, value in leaves_map.items():
       if not isinstance(name, str):
-        raise CheckpointError(f"{what}[{module!r}]: parameter names must be str, found {name!r}")
-      tree[module][name] = _to_array(value, f"{what}[{module!r}][{name!r}]")
+        raise CheckpointError(f"{what}[{describe(module)}]: parameter names must be str, found "
+                              f"{describe(name)}")
+      tree[module][name] = _to_array(value, f"{what}[{describe(module)}][{describe(name)}]")
   return tree
 
 
@@ -120,7 +121,7 @@ def _has_replica_axis(params: ModuleTree, state: ModuleTree) -> bool:
     for module, name, value in _leaves(tree):
       rank = _anchor_rank(module, name, is_state)
       if rank is not None:
-        anchors.append((f"{module}/{name}", value.shape, rank))
+        anchors.append((clip(f"{module}/{name}", 200), value.shape, rank))
   if not anchors:
     return False
   plain = [a for a in anchors if len(a[1]) == a[2]]
@@ -168,7 +169,8 @@ def _pick_encoder_scope(scopes: Iterable[str]) -> str:
     if len(others) == 1:
       return others[0]
   raise CheckpointError(
-      f"cannot tell which top-level module is the encoder: found top-level scopes {scopes}; "
+      "cannot tell which top-level module is the encoder: found top-level scopes "
+      f"{describe_all(scopes)}; "
       "expected exactly one encoder scope (e.g. 'res_net50'); pass encoder_prefix=...")
 
 
@@ -240,7 +242,7 @@ def _read_release(path: Any) -> tuple[ModuleTree, ModuleTree, Any, Any]:
         "'experiment_state', 'step', 'rng'")
   if "experiment_state" not in raw:
     raise CheckpointError(
-        f"checkpoint {path!r}: top-level dict has keys {sorted(map(str, raw))}, expected "
+        f"checkpoint {path!r}: top-level dict has keys {describe_all(raw)}, expected "
         "'experiment_state' (with 'step', 'rng')")
   experiment_state = _as_mapping(raw["experiment_state"])
   if experiment_state is None:
@@ -250,7 +252,7 @@ def _read_release(path: Any) -> tuple[ModuleTree, ModuleTree, Any, Any]:
   missing = [k for k in ("online_params", "online_state") if k not in experiment_state]
   if missing:
     raise CheckpointError(
-        f"checkpoint {path!r}: experiment_state has keys {sorted(map(str, experiment_state))}, "
+        f"checkpoint {path!r}: experiment_state has keys {describe_all(experiment_state)}, "
         f"missing {missing} (expected 'online_params' and 'online_state')")
   params = _module_tree(experiment_state["online_params"], "experiment_state['online_params']")
   state = _module_tree(experiment_state["online_state"], "experiment_state['online_state']")
@@ -289,7 +291,7 @@ def load_released_checkpoint_full(path: Any, *, encoder_prefix: str | None = Non
     encoder_prefix = _pick_encoder_scope(scopes)
   elif encoder_prefix not in scopes:
     raise CheckpointError(f"encoder_prefix {encoder_prefix!r} is not a top-level scope of the "
-                          f"checkpoint; found {sorted(scopes)}")
+                          f"checkpoint; found {describe_all(sorted(scopes))}")
   enc_params, head_params = _split(params, encoder_prefix)
   enc_state, head_state = _split(state, encoder_prefix)
   if not enc_params:
@@ -350,7 +352,7 @@ def _flat_shapes(tree: Mapping[str, Mapping[str, Any]], what: str
       raise ValueError(f"{what}[{module!r}] must be a mapping {{name: array}}, got "
                        f"{type(leaves).__name__}")
     for name, leaf in leaves.items():
-      flat[f"{module}/{name}"] = _shape_of(leaf)
+      flat[clip(f"{module}/{name}", 200)] = _shape_of(leaf)
   return flat
 
 

@@ -4,16 +4,19 @@ import os
 import pickle
 import re
 import subprocess
+import tracemalloc
 import typing
 
-from checkpointing_testlib import assert_tree_equal, fake_module_globals, load_bytes, release_dict
 import dill
-from haiku._src import data_structures  # pylint: disable=g-direct-haiku-import
+import hostile_files
 import jax
 import numpy as np
 import pytest
+from checkpointing_testlib import assert_tree_equal, fake_module_globals, load_bytes, release_dict
+from haiku._src import data_structures  # pylint: disable=g-direct-haiku-import
 
 from semppl_jax import checkpointing as ck
+from semppl_jax.checkpointing import unpickler
 
 
 def test_dill_create_array_and_namedtuple_state_load(tmp_path, r50, forward):
@@ -208,3 +211,87 @@ def test_other_pickle_protocols_load(tmp_path):
     assert_tree_equal(loaded.params, params)
     assert_tree_equal(loaded.state, state)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile files: resource limits.
+# ----------------------------------------------------------------------------------------------
+
+
+# Files of a few MB at most; every size stays far beyond the loader's limits.
+_HOSTILE = hostile_files.corpus(scale=0.2)
+
+
+@pytest.mark.parametrize("name", sorted(_HOSTILE))
+def test_hostile_files_are_refused_with_little_memory(tmp_path, name):
+  path = tmp_path / "hostile.pkl"
+  path.write_bytes(_HOSTILE[name])
+  tracemalloc.start()
+  try:
+    with pytest.raises(ck.CheckpointError) as err:
+      ck.load_released_checkpoint(path)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  # The biggest file holds a 10 MB string, read once and decoded once.
+  assert peak < 100e6, (name, peak)
+  message = str(err.value)
+  assert len(message) < 1_000, (name, len(message))
+  assert message.isprintable(), (name, message)
+
+
+def test_hostile_refusals_name_the_reason(tmp_path):
+  cases = {
+      hostile_files.bytearray_declared(6 << 30): r"BYTEARRAY8 declares 6,442,450,944 bytes "
+                                                 r"but only 1 are left",
+      hostile_files.deep_tuple_key(1_000_000): "nesting deeper than 100 levels",
+      hostile_files.deep_tuple_key(101): "nesting deeper than 100 levels",
+      hostile_files.deep_lists(2_000): "nesting deeper than 100 levels",
+      hostile_files.deep_dicts(2_000): "nesting deeper than 100 levels",
+      hostile_files.many_marks(2_000): r"nesting deeper than 100 levels \(MARKs\)",
+      hostile_files.wide_int_key(4_000): r"LONG4 declaring 4,000 bytes \(at most 16\)",
+      hostile_files.long4_declared(2**31 - 1): r"LONG4 declaring 2,147,483,647 bytes",
+      hostile_files.binunicode8_declared(1 << 62): "BINUNICODE8 declares",
+      hostile_files.binbytes8_declared(1 << 62): "BINBYTES8 declares",
+      hostile_files.frame_declared(1 << 62): "FRAME declares",
+      hostile_files.namedtuple_fields(5_000): r"5,000 fields \(at most 1000",
+      hostile_files.namedtuple_fields(1_000_000): r"stack with 100,001 items",
+      hostile_files.wide_list(200_000): r"101,000 items \(at most 100,000\)",
+      hostile_files.memo_flood(300_000): "more than 250,000 memoized objects",
+      hostile_files.self_containing_list(): "container holding itself",
+  }
+  for blob, message in cases.items():
+    with pytest.raises(ck.CheckpointError, match=message):
+      load_bytes(tmp_path, blob)
+
+
+def test_hostile_text_is_clipped_and_escaped(tmp_path):
+  with pytest.raises(ck.CheckpointError) as err:
+    load_bytes(tmp_path, hostile_files.control_characters_in_global())
+  assert "\x1b" not in str(err.value) and "\x07" not in str(err.value)
+  assert r"os\x1b[31m.system\x07" in str(err.value)
+  with pytest.raises(ck.CheckpointError, match=r"2Ja{76}\.\.\. \(1,000,004 characters\)") as err:
+    load_bytes(tmp_path, hostile_files.huge_module_name(1_000_000))
+  assert r"\x1b[2J" in str(err.value) and "\x1b" not in str(err.value)
+  with pytest.raises(ck.CheckpointError, match=r"\(2,000,000 characters\)'\], expected"):
+    load_bytes(tmp_path, hostile_files.huge_key(2_000_000))
+
+
+def test_limits_just_above_a_real_release_load(tmp_path):
+  """Depth 100, 100,000 items and 16-byte ints are allowed: the limits are strict, not sloppy."""
+  deep = (0,)
+  for _ in range(90):
+    deep = (deep,)
+  blob = pickle.dumps({deep: list(range(100_000)), "big": 2**120, "neg": -2**120}, protocol=2)
+  path = tmp_path / "ok.pkl"
+  path.write_bytes(blob)
+  loaded = unpickler.unpickle_file(str(path))
+  assert loaded[deep] == list(range(100_000)) and loaded["big"] == 2**120
+  assert loaded["neg"] == -2**120
+  # The same file under tighter limits is refused.
+  for limits, message in ((unpickler.LoadLimits(max_depth=50), "nesting deeper than 50"),
+                          (unpickler.LoadLimits(max_items=1_000), "at most 1,000"),
+                          (unpickler.LoadLimits(max_int_bytes=8), "wider than 8 bytes"),
+                          (unpickler.LoadLimits(max_objects=50), "more than 50")):
+    with pytest.raises(ck.CheckpointError, match=message):
+      unpickler.unpickle_file(str(path), limits)
