@@ -106,13 +106,17 @@ def target_ema_decay(step: jax.Array, *, base_decay: float, total_steps: int) ->
 def target_ema(online: PyTree, target: PyTree, decay: jax.Array) -> PyTree:
   """Moves the target towards the online values: ``decay * target + (1 - decay) * online``.
 
+  This is ``optax.incremental_update(online, target, step_size=1 - decay)`` (Polyak
+  averaging), cast back to the target's dtypes.
+
   Args:
     online: online parameters; must have the structure of ``target`` (pass the matching subset).
     target: target parameters.
-    decay: float32 [] in [0, 1].
+    decay: float32 [] in [0, 1]; 1 keeps the target, 0 copies the online values.
 
   Returns:
     The new target tree (dtypes of ``target``).
   """
-  return jax.tree_util.tree_map(
-      lambda o, t: (decay * t + (1.0 - decay) * o).astype(t.dtype), online, target)
+  updated = optax.incremental_update(online, target, step_size=1.0 - decay)
+  # A float32 decay would promote lower-precision target leaves; keep the target's dtypes.
+  return jax.tree_util.tree_map(lambda new, old: new.astype(old.dtype), updated, target)

@@ -59,6 +59,43 @@ def test_target_ema_update():
   np.testing.assert_allclose(new["m"]["w"], 0.75 * 1.0 + 0.25 * 3.0)
 
 
+def _ema_trees(seed):
+  rng = np.random.default_rng(seed)
+  tree = lambda: {"enc/~/conv": {"w": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+                  "head/linear": {"w": rng.normal(size=(4, 5)).astype(np.float32),
+                                  "b": rng.normal(size=(5,)).astype(np.float32)}}
+  return tree(), tree()
+
+
+def test_target_ema_matches_numpy_over_steps_with_the_byol_schedule():
+  # Ten EMA steps with the cosine decay schedule, each against the online values of that step.
+  online_steps = [_ema_trees(seed)[0] for seed in range(10)]
+  target = _ema_trees(100)[1]
+  expected = jax.tree_util.tree_map(lambda x: x.astype(np.float64), target)
+  update = jax.jit(optim.target_ema)
+  for step, online in enumerate(online_steps):
+    decay = optim.target_ema_decay(step, base_decay=0.9, total_steps=10)
+    target = update(online, target, decay)
+    d = float(decay)
+    expected = jax.tree_util.tree_map(lambda t, o: d * t + (1.0 - d) * o, expected, online)
+  for got, want in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(expected)):
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_target_ema_endpoints_and_dtypes():
+  online, target = _ema_trees(0)
+  kept = optim.target_ema(online, target, jnp.float32(1.0))
+  copied = optim.target_ema(online, target, jnp.float32(0.0))
+  for k, c, o, t in zip(*map(jax.tree_util.tree_leaves, (kept, copied, online, target))):
+    np.testing.assert_array_equal(np.asarray(k), t)
+    np.testing.assert_array_equal(np.asarray(c), o)
+  # A bfloat16 target stays bfloat16 under a float32 decay.
+  target16 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), target)
+  new16 = optim.target_ema(online, target16, jnp.float32(0.5))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(new16))
+
+
 def test_lars_mask_excludes_bias_and_batchnorm():
   mask = optim.lars_mask(_params())
   assert mask["res_net18/~/initial_conv"]["w"] is True
