@@ -10,12 +10,13 @@ call save (jaxline: ``train_checkpoint_all_hosts=True``).
 import logging
 import os
 import re
-from typing import Any, Mapping
+import shutil
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 
-from semppl_jax.checkpointing.errors import CheckpointError
+from semppl_jax.checkpointing.errors import CheckpointError, clip
 
 
 def _ocp():
@@ -99,12 +100,67 @@ def _like_template(restored: Any, template: Any) -> Any:
 
 
 def _manager(directory: str, max_to_keep: int | None = None, *, save_async: bool = False,
-             read_only: bool = False):
+             read_only: bool = False, single_item: bool = False):
+  """An Orbax CheckpointManager; ``single_item``: one pytree per step (:func:`save_state`).
+
+  Declaring the single item up front keeps Orbax from inferring the layout from the newest
+  step directory, which fails for every step when the newest one is empty or damaged.
+  """
   ocp = _ocp()
+  # A writer removes the temporary directories of saves that crashed (Orbax's own
+  # '*.orbax-checkpoint-tmp*' names only) when it starts.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, enable_async_checkpointing=save_async, read_only=read_only,
-      create=not read_only)
-  return ocp.CheckpointManager(directory, options=options)
+      create=not read_only, cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(
+      directory, options=options,
+      item_handlers=ocp.StandardCheckpointHandler() if single_item else None)
+
+
+def _remove_tmp_dirs(directory: str) -> None:
+  """Removes Orbax's temporary directories (a failed save's) directly under ``directory``."""
+  if "://" in directory or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if _ocp().path.step.TMP_DIR_SUFFIX in name:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _save_failed(directory: str, step: int, error: Exception) -> CheckpointError:
+  """The error for a failed save, after removing what it left behind."""
+  _remove_tmp_dirs(directory)
+  return CheckpointError(
+      f"saving checkpoint {step} to {directory!r} failed ({type(error).__name__}: "
+      f"{clip(str(error), 300)}); the checkpoints saved before are untouched")
+
+
+def _restore_newest_readable(where: str, steps: Iterable[int],
+                             restore_step: Callable[[int], Any]) -> tuple[int, Any]:
+  """``(step, restore_step(step))`` for the newest step that ``restore_step`` can read.
+
+  A checkpoint that fails (corrupt or missing files, an empty step directory, a layout that
+  does not fit) is logged with its reason and the next older one is tried.
+
+  Raises:
+    CheckpointError: no step could be restored; lists each step's reason.
+  """
+  failures = []
+  for step in sorted(steps, reverse=True):
+    try:
+      value = restore_step(step)
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore report unreadable data with many types (ValueError, KeyError,
+      # FileNotFoundError, OSError, TypeError, their own errors ...).
+      reason = f"{type(e).__name__}: {clip(str(e), 300)}"
+      logging.warning("Checkpoint %s/%s cannot be restored (%s); trying an older one.", where,
+                      step, reason)
+      failures.append(f"{where}/{step}: {reason}")
+      continue
+    if failures:
+      logging.warning("Restored %s/%s, the newest readable checkpoint (%d newer ones are not).",
+                      where, step, len(failures))
+    return step, value
+  raise CheckpointError(f"no checkpoint in {where!r} could be restored: " + "; ".join(failures))
 
 
 def save_state(directory: Any, step: int, state_tree: Any, *, max_to_keep: int) -> str:
@@ -128,6 +184,8 @@ def save_state(directory: Any, step: int, state_tree: Any, *, max_to_keep: int) 
   Raises:
     ValueError: bad ``step`` / ``max_to_keep``, an unsupported leaf type, or ``step`` already
       saved (or older than the latest).
+    CheckpointError: the write failed (e.g. disk full); what it wrote is removed and the
+      checkpoints saved before are untouched.
   """
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -135,13 +193,16 @@ def save_state(directory: Any, step: int, state_tree: Any, *, max_to_keep: int) 
   tree = _savable(state_tree, "state_tree")
   ocp = _ocp()
   directory = _dir(directory)
-  with _manager(directory, _check_max_to_keep(max_to_keep)) as manager:
+  with _manager(directory, _check_max_to_keep(max_to_keep), single_item=True) as manager:
     latest = manager.latest_step()
     if latest is not None and step <= latest:
       raise ValueError(f"step must be larger than the latest saved step {latest} in "
                        f"{directory!r}, got {step}")
-    manager.save(step, args=ocp.args.StandardSave(tree))
-    manager.wait_until_finished()
+    try:
+      manager.save(step, args=ocp.args.StandardSave(tree))
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_failed(directory, step, e) from e
   return os.path.join(directory, str(step))
 
 
@@ -164,24 +225,25 @@ def restore_latest(directory: Any, target_tree: Any) -> tuple[int, Any] | None:
       ``jax.Array`` with that sharding (a sharded queue comes back sharded), a numpy array /
       scalar comes back as numpy, a Python number as a Python number.
 
+  A checkpoint that cannot be restored (corrupt, an empty step directory, not matching
+  ``target_tree``) is logged as a warning and the next older one is tried.
+
   Returns:
-    ``(step, tree)``, or None when there is no checkpoint.
+    ``(step, tree)`` of the newest restorable checkpoint, or None when there is no checkpoint.
 
   Raises:
-    CheckpointError: the checkpoint does not match ``target_tree`` (structure or shapes).
+    CheckpointError: no checkpoint can be restored (each one's reason is listed; e.g. none
+      matches ``target_tree`` in structure or shapes).
     ValueError: ``target_tree`` has leaves of an unsupported type.
   """
-  step = latest_step(directory)
-  if step is None:
+  if latest_step(directory) is None:
     return None
   ocp = _ocp()
   target = _abstract(target_tree, "target_tree")
-  with _manager(_dir(directory), read_only=True) as manager:
-    try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f"checkpoint {step} in {directory!r} does not match target_tree: "
-                            f"{e}") from e
+  with _manager(_dir(directory), read_only=True, single_item=True) as manager:
+    step, restored = _restore_newest_readable(
+        _dir(directory), manager.all_steps(),
+        lambda step: manager.restore(step, args=ocp.args.StandardRestore(target)))
   return step, _like_template(restored, target_tree)
 
 
@@ -343,6 +405,8 @@ class OrbaxCheckpointer:
     self._save_async = bool(save_async)
     self._states: dict[str, ExperimentState] = {}
     self._managers: dict[str, Any] = {}
+    # Series -> steps newer than the one restore() fell back to.
+    self._unreadable: dict[str, set[int]] = {}
 
   def _series_manager(self, series: str):
     if not isinstance(series, str) or not _SERIES_NAME.fullmatch(series) or series in (".", ".."):
@@ -380,10 +444,23 @@ class OrbaxCheckpointer:
     number = self._checkpoint_number(ckpt_series, state)
     if number is None:
       return
-    manager.save(number, args=ocp.args.Composite(**items))
-    if not self._save_async:
-      manager.wait_until_finished()
+    try:
+      manager.save(number, args=ocp.args.Composite(**items))
+      if not self._save_async:
+        manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._drop_manager(ckpt_series)
+      raise _save_failed(os.path.join(self._directory, ckpt_series), number, e) from e
     logging.info("Saved checkpoint %s/%s.", ckpt_series, number)
+
+  def _drop_manager(self, ckpt_series: str) -> None:
+    """Forgets a series' manager after a failed save (the next use opens a fresh one)."""
+    manager = self._managers.pop(ckpt_series)
+    try:
+      manager.close()
+    except Exception:  # pylint: disable=broad-except
+      logging.warning("Closing the checkpoint manager of %s after a failed save failed too.",
+                      ckpt_series)
 
   def _checkpoint_number(self, ckpt_series: str, state: ExperimentState) -> int | None:
     """The directory number of the next save: the global step; None if it is already saved.
@@ -392,7 +469,13 @@ class OrbaxCheckpointer:
       CheckpointError: the global step is not an int >= 0, or older than the newest checkpoint
         (two runs writing to one directory).
     """
-    latest = self._managers[ckpt_series].latest_step()
+    manager = self._managers[ckpt_series]
+    # Checkpoints that restore() found unreadable are replaced, not kept as the newest ones.
+    for bad in sorted(self._unreadable.pop(ckpt_series, ())):
+      logging.warning("Removing the unreadable checkpoint %s/%s/%s before saving.",
+                      self._directory, ckpt_series, bad)
+      manager.delete(bad)
+    latest = manager.latest_step()
     step = state.global_step if "global_step" in state else None
     if step is None:
       return 0 if latest is None else latest + 1
@@ -424,18 +507,36 @@ class OrbaxCheckpointer:
     return None if step is None else os.path.join(self._directory, ckpt_series, str(step))
 
   def restore(self, ckpt_series: str) -> None:
-    """Restores the newest checkpoint into the series' experiment state (see class doc).
+    """Restores the newest readable checkpoint into the series' experiment state.
+
+    A checkpoint that cannot be restored (corrupt or missing files, an empty step directory,
+    entries or shapes that do not fit the current state) is logged as a warning naming its
+    directory and the reason, and the next older one is tried; the state is only changed by
+    the one that restores completely.
 
     Raises:
-      CheckpointError: no checkpoint, an entry of the current state missing from it, or a
-        module snapshot whose structure / shapes differ from the current one.
+      CheckpointError: no checkpoint, or none can be restored (each one's reason is listed).
     """
-    ocp = _ocp()
-    step = self._latest(ckpt_series)
-    if step is None:
+    if self._latest(ckpt_series) is None:
       raise CheckpointError(f"no checkpoint to restore in {self._directory}/{ckpt_series}")
     manager = self._managers[ckpt_series]
     state = self.get_experiment_state(ckpt_series)
+    steps = manager.all_steps()
+    step, values = _restore_newest_readable(
+        os.path.join(self._directory, ckpt_series), steps,
+        lambda step: self._read_step(manager, ckpt_series, step, state))
+    self._unreadable[ckpt_series] = {s for s in steps if s > step}
+    for key, value in values.items():
+      if key == _MODULE_KEY:
+        state[key].restore_from_snapshot(value)
+      else:
+        state[key] = value
+    logging.info("Restored checkpoint %s/%s.", ckpt_series, step)
+
+  def _read_step(self, manager: Any, ckpt_series: str, step: int, state: ExperimentState
+                 ) -> dict[str, Any]:
+    """The values of checkpoint ``step`` for every entry of ``state`` (state is unchanged)."""
+    ocp = _ocp()
     meta = manager.restore(step, args=ocp.args.Composite(
         **{_META_ITEM: ocp.args.JsonRestore()}))[_META_ITEM]
     saved = set(meta["json"]) | set(meta["arrays"])
@@ -452,33 +553,35 @@ class OrbaxCheckpointer:
         untargeted.append(key)
       else:
         templates[key] = template
-    try:
-      restored = dict(manager.restore(step, args=ocp.args.Composite(**{
-          key: ocp.args.StandardRestore({"value": _abstract(t, key)})
-          for key, t in templates.items()})))
-      if untargeted:
-        restored.update(manager.restore(step, args=ocp.args.Composite(
-            **{key: ocp.args.StandardRestore() for key in untargeted})))
-    except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(f"checkpoint {ckpt_series}/{step} does not match the current "
-                            f"experiment state: {e}") from e
+    restored = dict(manager.restore(step, args=ocp.args.Composite(**{
+        key: ocp.args.StandardRestore({"value": _abstract(t, key)})
+        for key, t in templates.items()})))
+    if untargeted:
+      restored.update(manager.restore(step, args=ocp.args.Composite(
+          **{key: ocp.args.StandardRestore() for key in untargeted})))
+    values = {}
     for key in state.keys():
       if key in meta["json"]:
-        state[key] = _from_json_entry(meta["json"][key])
+        values[key] = _from_json_entry(meta["json"][key])
       elif key in templates:
-        value = _like_template(restored[key]["value"], templates[key])
-        if key == _MODULE_KEY:
-          state[key].restore_from_snapshot(value)
-        else:
-          state[key] = value
+        values[key] = _like_template(restored[key]["value"], templates[key])
       else:
-        state[key] = jax.device_get(restored[key]["value"])
-    logging.info("Restored checkpoint %s/%s.", ckpt_series, step)
+        values[key] = jax.device_get(restored[key]["value"])
+    return values
 
   def wait_for_checkpointing_to_finish(self) -> None:
-    """Blocks until every pending (async) save is on disk."""
-    for manager in self._managers.values():
-      manager.wait_until_finished()
+    """Blocks until every pending (async) save is on disk.
+
+    Raises:
+      CheckpointError: a pending save failed (e.g. disk full); older checkpoints are untouched.
+    """
+    for series, manager in list(self._managers.items()):
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        self._drop_manager(series)
+        raise _save_failed(os.path.join(self._directory, series), manager.latest_step(), e
+                           ) from e
 
   def close(self) -> None:
     """Waits for pending saves and releases the Orbax managers (the object stays usable)."""

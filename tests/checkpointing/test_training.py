@@ -1,7 +1,11 @@
 """Tests for semppl_jax.checkpointing.training: Orbax training checkpoints and the jaxline
 checkpointer."""
+import errno
+import logging
 import os
+import shutil
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -218,3 +222,157 @@ def test_orbax_checkpointer_drives_jaxline_train_and_resumes(tmp_path):
   assert sorted(os.listdir(tmp_path / "latest"), key=int) == ["4", "5"]  # global steps
   checkpointer.close()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad checkpoints, crashed and failed saves.
+# ----------------------------------------------------------------------------------------------
+
+
+def _corrupt(step_dir):
+  """Truncates every data file of a checkpoint (what a torn copy or bad disk leaves)."""
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      if name not in ("_CHECKPOINT_METADATA", "commit_success.txt"):
+        with open(os.path.join(root, name), "wb"):
+          pass
+
+
+def _empty(step_dir):
+  shutil.rmtree(step_dir)
+  os.mkdir(step_dir)
+
+
+def test_restore_latest_falls_back_to_newest_readable(tmp_path, caplog):
+  directory = tmp_path / "ckpt"
+  for step in (1, 2, 3):
+    ck.save_state(directory, step, {"x": np.full(2, step, np.float32)}, max_to_keep=5)
+  _corrupt(directory / "3")
+  os.mkdir(directory / "4")  # A stray empty step directory.
+  target = {"x": np.zeros(2, np.float32)}
+  with caplog.at_level(logging.WARNING):
+    step, tree = ck.restore_latest(directory, target)
+  assert step == 2
+  np.testing.assert_array_equal(tree["x"], [2, 2])
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(f"{directory}/4 cannot be restored" in w for w in warnings), warnings
+  assert any(f"{directory}/3 cannot be restored" in w for w in warnings), warnings
+  assert any(f"Restored {directory}/2" in w for w in warnings), warnings
+  _empty(directory / "2")
+  _corrupt(directory / "1")
+  with pytest.raises(ck.CheckpointError, match=r"no checkpoint in .* could be restored: .*/4: "
+                     r".*/3: .*/2: .*/1: "):
+    ck.restore_latest(directory, target)
+
+
+def _checkpointer_at(directory, mesh, global_step, value):
+  ckpt = ck.OrbaxCheckpointer(directory, max_to_keep=5)
+  state = ckpt.get_experiment_state("latest")
+  state.global_step = global_step
+  state.experiment_module = _DummyExperiment(mesh, value)
+  return ckpt, state
+
+
+@pytest.mark.parametrize("damage", [_corrupt, _empty])
+def test_orbax_checkpointer_resumes_from_newest_readable(tmp_path, mesh, caplog, damage):
+  ckpt, state = _checkpointer_at(tmp_path, mesh, 0, 0.0)
+  for step in (1, 2, 3):
+    state.global_step = step
+    state.experiment_module = _DummyExperiment(mesh, float(step))
+    ckpt.save("latest")
+  ckpt.close()
+  damage(tmp_path / "latest" / "3")
+
+  resumed, state = _checkpointer_at(tmp_path, mesh, 0, -1.0)
+  assert resumed.can_be_restored("latest")
+  with caplog.at_level(logging.WARNING):
+    resumed.restore("latest")
+  assert state.global_step == 2
+  np.testing.assert_array_equal(state.experiment_module.params, np.full((8, 2), 2.0))
+  assert any(f"{tmp_path}/latest/3 cannot be restored" in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  # Training on from step 2 writes step 3 again, replacing the unreadable one.
+  state.global_step = 3
+  state.experiment_module = _DummyExperiment(mesh, 33.0)
+  resumed.save("latest")
+  resumed.close()
+  again, state = _checkpointer_at(tmp_path, mesh, 0, -1.0)
+  again.restore("latest")
+  assert state.global_step == 3
+  np.testing.assert_array_equal(state.experiment_module.params, np.full((8, 2), 33.0))
+  again.close()
+
+  for step in (1, 2, 3):
+    damage(tmp_path / "latest" / str(step))
+  broken, _ = _checkpointer_at(tmp_path, mesh, 0, -1.0)
+  with pytest.raises(ck.CheckpointError, match=r"no checkpoint in .*latest' could be restored"):
+    broken.restore("latest")
+  broken.close()
+
+
+def test_crashed_save_tmp_dirs_are_removed_at_next_start(tmp_path, mesh):
+  ckpt, state = _checkpointer_at(tmp_path, mesh, 1, 1.0)
+  ckpt.save("latest")
+  ckpt.close()
+  series = tmp_path / "latest"
+  crashed = series / "2.orbax-checkpoint-tmp-1700000000"  # What a save killed midway leaves.
+  (crashed / "default").mkdir(parents=True)
+  (crashed / "default" / "data").write_bytes(b"partial")
+  user_file = series / "notes.txt"
+  user_file.write_text("mine")
+  restarted, state = _checkpointer_at(tmp_path, mesh, 0, 0.0)
+  restarted.restore("latest")
+  assert sorted(os.listdir(series)) == ["1", "notes.txt"]
+  assert user_file.read_text() == "mine"
+  restarted.close()
+  # The functional API cleans up on save too.
+  (tmp_path / "fn").mkdir()
+  crashed = tmp_path / "fn" / "7.orbax-checkpoint-tmp-1700000000"
+  crashed.mkdir()
+  ck.save_state(tmp_path / "fn", 8, {"x": np.zeros(2)}, max_to_keep=2)
+  assert sorted(os.listdir(tmp_path / "fn")) == ["8"]
+
+
+def _disk_full(monkeypatch, under):
+  """Makes every file write Orbax does under ``under`` fail with ENOSPC."""
+  path_type = type(epath.Path(str(under)))
+  real_write_text = path_type.write_text
+
+  def write_text(self, *args, **kwargs):
+    if str(self).startswith(str(under)):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return real_write_text(self, *args, **kwargs)
+  monkeypatch.setattr(path_type, "write_text", write_text)
+
+
+def test_disk_full_during_save_keeps_previous_checkpoints(tmp_path, mesh, monkeypatch):
+  directory = tmp_path / "fn"
+  ck.save_state(directory, 1, {"x": np.ones(2, np.float32)}, max_to_keep=1)
+  with monkeypatch.context() as patch:
+    _disk_full(patch, tmp_path)
+    with pytest.raises(ck.CheckpointError,
+                       match=rf"saving checkpoint 2 to '{directory}' failed .*No space left"):
+      ck.save_state(directory, 2, {"x": np.full(2, 2.0, np.float32)}, max_to_keep=1)
+  assert sorted(os.listdir(directory)) == ["1"]
+  step, tree = ck.restore_latest(directory, {"x": np.zeros(2, np.float32)})
+  assert step == 1
+  np.testing.assert_array_equal(tree["x"], [1, 1])
+
+  ckpt, state = _checkpointer_at(tmp_path / "exp", mesh, 1, 1.0)
+  ckpt.save("latest")
+  with monkeypatch.context() as patch:
+    _disk_full(patch, tmp_path)
+    state.global_step = 2
+    state.experiment_module = _DummyExperiment(mesh, 2.0)
+    with pytest.raises(ck.CheckpointError,
+                       match=rf"saving checkpoint 2 to '{tmp_path}/exp/latest' failed"):
+      ckpt.save("latest")
+  assert sorted(os.listdir(tmp_path / "exp" / "latest")) == ["1"]
+  ckpt.save("latest")  # Space again: the same checkpointer saves.
+  assert sorted(os.listdir(tmp_path / "exp" / "latest")) == ["1", "2"]
+  ckpt.close()
+  resumed, state = _checkpointer_at(tmp_path / "exp", mesh, 0, 0.0)
+  resumed.restore("latest")
+  assert state.global_step == 2
+  np.testing.assert_array_equal(state.experiment_module.params, np.full((8, 2), 2.0))
+  resumed.close()
