@@ -1,10 +1,11 @@
 """kNN votes, pseudo-labels and semantic-positive sampling over (sharded) queues.
 
-Everything here goes through one primitive, a sharded top-k over the entries of a queue (or of an
-evaluation bank). Inside ``with jax.set_mesh(mesh)`` whose ``'data'`` axis has size ``n > 1`` —
-eagerly or under ``jax.jit`` — the entries are taken sharded along their slot axis on ``'data'``
-(``Q % n == 0``) and the queries replicated (a batch-sharded query array is all-gathered, which
-is small next to the queue). In a ``jax.shard_map``:
+kNN votes, pseudo-labels and evaluation kNN go through one primitive, a sharded top-k over the
+entries of a queue (or of an evaluation bank). Inside ``with jax.set_mesh(mesh)`` whose
+``'data'`` axis has size ``n > 1`` — eagerly or under ``jax.jit`` — the entries are taken
+sharded along their slot axis on ``'data'`` (``Q % n == 0``) and the queries replicated (a
+batch-sharded query array is all-gathered, which is small next to the queue). In a
+``jax.shard_map``:
 
 1. every device scores the queries against its own ``Q / n`` entries (``[rows, Q / n]``: no
    device ever holds a score matrix over the full queue);
@@ -383,6 +384,36 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
   return _vote(to_ballots(votes), to_ballots(strengths))[0]
 
 
+def _stable_label_sort(queue_labels):
+  """Labels of every row sorted, and the slots in that order (equal labels: slot order).
+
+  Negative labels all become ``-1`` (only labels ``>= 0`` are ever looked up). When every
+  ``(label + 1) · Ql + slot`` fits in int32, one sort of those packed keys (unique, so any sort
+  is stable) does it: on XLA:CPU it is ~5x faster than a stable sort of (label, slot) pairs,
+  measured at ``[4, 16384]``. Otherwise (labels of order ``2^31 / Ql``, checked at run time)
+  the pair sort runs; both give the same result.
+
+  Args:
+    queue_labels: int32 ``[L, Ql]``.
+
+  Returns:
+    ``(sorted_labels, order)``, int32 ``[L, Ql]`` each.
+  """
+  labels = jnp.maximum(queue_labels, -1)
+  local_size = labels.shape[1]
+  slots = lax.broadcasted_iota(jnp.int32, labels.shape, 1)
+  max_packable = (jnp.iinfo(jnp.int32).max - (local_size - 1)) // local_size - 1
+
+  def packed(labels):
+    keys = jnp.sort((labels + 1) * local_size + slots, axis=1)
+    return keys // local_size - 1, keys % local_size
+
+  def paired(labels):
+    return lax.sort((labels, slots), dimension=1, is_stable=True, num_keys=1)
+
+  return lax.cond(jnp.max(labels) <= max_packable, packed, paired, labels)
+
+
 def _local_matches(queue_labels, targets):
   """Where the entries matching each target sit in one block of slots.
 
@@ -396,9 +427,7 @@ def _local_matches(queue_labels, targets):
     matches of ``targets[i]`` in queue ``l`` are ``order[l, first[l, i] + j]`` for
     ``0 <= j < count[l, i]``, in slot order.
   """
-  sorted_labels, order = lax.sort(
-      (queue_labels, lax.broadcasted_iota(jnp.int32, queue_labels.shape, 1)),
-      dimension=1, is_stable=True, num_keys=1)
+  sorted_labels, order = _stable_label_sort(queue_labels)
   # Binary search (O(B log Ql)), not method="compare_all" (O(B Ql)).
   search = jax.vmap(lambda row, side: jnp.searchsorted(row, targets, side=side),
                     in_axes=(0, None))

@@ -409,6 +409,36 @@ def test_sample_semantic_positives_uniform(mesh):
   assert 0.07 < np.mean(class_2[0] == class_2[1]) < 0.19
 
 
+def test_sample_semantic_positives_huge_labels(mesh):
+  """Labels too large to pack with the slot into int32 take the pair sort; same draws."""
+  size = 64
+  rng = np.random.default_rng(11)
+  # 50M packs with 8 slots per shard (limit ~2.7e8) but not with 64 unsharded (~3.4e7).
+  values = np.array([-1, -7, 5, 50_000_000, 2 ** 31 - 1], np.int32)
+  labels = rng.choice(values, size=(1, size)).astype(np.int32)
+  emb = np.stack([np.arange(size), np.zeros(size)], axis=1)[None].astype(np.float32)
+  q = queue_lib.Queue(jnp.asarray(emb), jnp.asarray(labels), jnp.zeros((), jnp.int32))
+  targets = np.array([5, 50_000_000, 2 ** 31 - 1, -7, -1, 6], np.int32)
+  fn = lambda key, y, q: knn.sample_semantic_positives(key, y, q, 3)
+  plain, _ = sharded_vs_unsharded(mesh, fn, (jax.random.key(2), targets, q),
+                                  (None, None, queue_sharding(mesh)))
+  expected = ref_sample_slots(jax.random.key(2), targets, labels, 3)
+  np.testing.assert_array_equal(np.where(plain[1], plain[0][..., 0], -1), expected)
+  assert (expected[0, :, :3] >= 0).all() and (expected[0, :, 3:] == -1).all()
+
+
+def test_stable_label_sort_both_paths():
+  labels = np.array([[3, -1, 3, 0, -5, 2, 0, 3], [1, 1, 1, 1, 0, 0, 0, 0]], np.int32)
+  big = labels.copy()
+  big[big == 3] = 2 ** 31 - 1  # Cannot be packed: the pair sort runs.
+  for lab in (labels, big):
+    got_sorted, got_order = jax.jit(knn._stable_label_sort)(lab)
+    clipped = np.maximum(lab, -1)  # Every negative label is "empty": one group, slot order.
+    order = np.argsort(clipped, axis=1, kind="stable")
+    np.testing.assert_array_equal(got_order, order)
+    np.testing.assert_array_equal(got_sorted, np.take_along_axis(clipped, order, 1))
+
+
 def test_draw_ranks_large_counts():
   """floor(u * total / 2^32) exactly (Python ints), also for totals near 2^31."""
   total = np.array([[1, 2, 3, 1000, 65537, 2 ** 31 - 1, 0, 123456789]], np.int32)
