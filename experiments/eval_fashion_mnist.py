@@ -61,7 +61,8 @@ def get_experiment_config(training_steps, protocol):
           seed=0,
           labelled_dir="",               # image_folder only
           test_dir="",                   # image_folder only
-          knn_bank_split="",             # imagenet only
+          eval_split="test",             # 'validation': held-out train images (fashion_mnist)
+          skip_corrupt_images=False,     # image_folder: drop (and log) unreadable files
       ),
       network=dict(
           encoder="tiny_resnet",

@@ -43,7 +43,8 @@ def get_experiment_config(training_steps):
           labelled_dir="",
           unlabelled_dir="",
           test_dir="",
-          knn_bank_split="",  # ImageNet only: tfds split of labelled images for kNN eval.
+          eval_split="test",  # 'validation': 5,000 held-out train images (choose settings there)
+          skip_corrupt_images=False,  # image_folder: drop (and log) unreadable files, not fail
       ),
       views=dict(
           num_large=2,

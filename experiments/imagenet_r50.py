@@ -25,7 +25,7 @@ def get_config(label_percent: int):
   c.data.update(dict(
       dataset="imagenet", data_dir="", label_percent=label_percent, num_classes=1000,
       image_size=224, labelled_batch_size=batch_size // 8,
-      unlabelled_batch_size=batch_size - batch_size // 8, knn_bank_split="train[:10%]"))
+      unlabelled_batch_size=batch_size - batch_size // 8))
   c.views.update(dict(num_large=4, num_small=2, large_size=224, small_size=96,
                       large_scale=(0.08, 1.0), small_scale=(0.05, 0.14),
                       blur_probability=(1.0, 0.1), solarize_probability=(0.0, 0.2),

@@ -3,330 +3,138 @@
 Three protocols, kept apart and named in every reported number (``config.protocol``):
 
 * ``'fine_tune'``: every encoder weight plus a linear head trained on the labelled subset only
-  (the paper's 1 % / 10 % protocol); BatchNorm in training mode (global batch statistics);
-  SGD with Nesterov momentum, cosine learning rate, small weight decay; the encoder and the head
-  have their own learning rates.
-* ``'linear'``: frozen encoder, BatchNorm in inference mode (its running statistics), a linear
-  head on the stop-gradient embedding, trained on the labelled subset (the release's protocol).
-  Encoder parameters and BatchNorm state never change.
-* ``'knn'``: frozen embeddings, cosine kNN with temperature-weighted votes
-  (``knn.weighted_knn_scores``) over a bank of the labelled training images; no training step
-  (``training_steps`` is ignored and may be 0: the evaluation runs at the end of jaxline's
-  train).
+  (the paper's 1 % / 10 % protocol); BatchNorm in training mode; SGD with Nesterov momentum,
+  cosine learning rate; the encoder and the head have their own learning rates.
+* ``'linear'``: frozen encoder, BatchNorm in inference mode, a linear head on the stop-gradient
+  embedding, trained on the labelled subset (the release's protocol).
+* ``'knn'``: frozen embeddings, cosine kNN with temperature-weighted votes over a bank of the
+  labelled training images; no training step (``training_steps`` may be 0).
 
-Training views (fine-tune and linear): random resized crop + horizontal flip on device
-(``semppl_jax.augmentations``). Evaluation views: the whole (host-cropped) image, resized to
-``augmentation.crop_size`` when it differs from ``data.image_size``.
-
-The encoder comes from ``config.checkpoint``:
-* ``source='pretrain'``: a pre-training run's Orbax checkpoints (``<checkpoint_dir>/checkpoints``
-  as written by ``experiments/launch.py``); the encoder modules of ``online_params`` /
-  ``online_state`` are taken (everything but ``projector``, ``predictor``, ``classifier*``);
-* ``source='release'``: a released ``.pkl`` (``checkpointing.load_released_checkpoint``);
-* ``source='none'``: random initialisation (a baseline, and for tests).
-A loaded encoder must match ``config.network`` name for name and shape for shape; otherwise a
-``checkpointing.CheckpointError`` lists every difference.
-
-Like the pre-training experiment: one ``jax.jit`` per step over a 1-D mesh ``'data'`` (batch
-sharded, parameters replicated, no pmap), step keys ``fold_in(root, step)`` (a resumed run
-repeats the uninterrupted one), state checkpointed through jaxline's checkpointer.
-
-Metrics (test split): ``'{protocol}_top1'``; for kNN also ``'knn_top1_k{k}'`` for every
-``k`` in ``evaluation.knn_ks`` (``'knn_top1'`` is the first of them).
-
-Config (``experiment_kwargs.config``; complete example: ``experiments/eval_fashion_mnist.py``):
-``protocol``, ``training_steps``, ``log_every_steps``;
-``checkpoint.{source, path, encoder_prefix}``;
-``data.{dataset, data_dir, label_percent, num_classes, image_size, batch_size (labelled images
-per step), seed, labelled_dir, test_dir, knn_bank_split}`` (as in pre-training);
-``network.{encoder, width_multiplier, small_images, compute_dtype}``;
-``augmentation.{crop_size, crop_scale, flip}``;
-``optimizer.{encoder_base_learning_rate, head_base_learning_rate (per 256 images, cosine to 0),
-momentum, nesterov, weight_decay, warmup_steps}``;
-``evaluation.{batch_size, max_examples (0 = whole test split; else its first examples only),
-knn_ks, knn_temperature}``.
+Training views: random resized crop + flip on device. Evaluation views: the whole image, resized
+to ``augmentation.crop_size``. The encoder comes from ``config.checkpoint``: ``source='pretrain'``
+(a pre-training run's ``<checkpoint_dir>/checkpoints``), ``'release'`` (a released ``.pkl``) or
+``'none'`` (random initialisation); it must match ``config.network`` name for name
+(``semppl_jax.encoder_sources``). Metrics (test split): ``'{protocol}_top1'``; for kNN
+``'knn_top1_k{k}'`` for every ``k`` in ``evaluation.knn_ks`` and ``'knn_top1'`` (the first).
+Complete config: ``experiments/eval_fashion_mnist.py``.
 """
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
-import numpy as np
 import optax
 
 from semppl_jax import augmentations
 from semppl_jax import checkpointing
+from semppl_jax import config_rules as rules
+from semppl_jax import encoder_sources
+from semppl_jax import evaluation
 from semppl_jax import experiment as pretrain
-from semppl_jax import knn
+from semppl_jax import mesh_experiment
 from semppl_jax import networks
 from semppl_jax import optim
 from semppl_jax import parallel
-
-PyTree = Any
-ModuleTree = Dict[str, Dict[str, Any]]
+from semppl_jax import train
+from semppl_jax.data_source import DataSource, Views
 
 PROTOCOLS = ("fine_tune", "linear", "knn")
 SOURCES = ("pretrain", "release", "none")
-# Top-level scopes of a pre-training tree that are heads, not encoder.
-HEAD_SCOPES = ("projector", "predictor")
-HEAD_SCOPE_PREFIXES = ("classifier",)
+_EXAMPLE = "experiments/eval_fashion_mnist.py"
+_FIELDS = (
+    "protocol training_steps log_every_steps checkpoint.source checkpoint.path "
+    "checkpoint.encoder_prefix data.dataset data.data_dir data.label_percent data.num_classes "
+    "data.image_size data.batch_size data.seed data.labelled_dir data.test_dir "
+    "data.eval_split data.skip_corrupt_images network.encoder network.width_multiplier network.small_images "
+    "network.compute_dtype augmentation.crop_size augmentation.crop_scale augmentation.flip "
+    "optimizer.encoder_base_learning_rate optimizer.head_base_learning_rate optimizer.momentum "
+    "optimizer.nesterov optimizer.weight_decay optimizer.warmup_steps evaluation.batch_size "
+    "evaluation.max_examples evaluation.knn_ks evaluation.knn_temperature").split()
 
-# Every field the experiment reads, by section (the validator lists the missing ones).
-REQUIRED_FIELDS = {
-    "": ("protocol", "training_steps", "log_every_steps"),
-    "checkpoint": ("source", "path", "encoder_prefix"),
-    "data": ("dataset", "data_dir", "label_percent", "num_classes", "image_size", "batch_size",
-             "seed", "labelled_dir", "test_dir", "knn_bank_split"),
-    "network": ("encoder", "width_multiplier", "small_images", "compute_dtype"),
-    "augmentation": ("crop_size", "crop_scale", "flip"),
-    "optimizer": ("encoder_base_learning_rate", "head_base_learning_rate", "momentum",
-                  "nesterov", "weight_decay", "warmup_steps"),
-    "evaluation": ("batch_size", "max_examples", "knn_ks", "knn_temperature"),
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Config validation.
-# ----------------------------------------------------------------------------------------------
 
 def validate_config(config: config_dict.ConfigDict, *, num_devices: int,
                     num_processes: int = 1) -> None:
-  """Checks an evaluation config (``experiment_kwargs.config``) before anything loads/compiles.
-
-  Args:
-    config: the experiment config (fields: see ``REQUIRED_FIELDS`` and
-      ``experiments/eval_fashion_mnist.py``).
-    num_devices: global number of devices on the ``'data'`` axis.
-    num_processes: number of hosts (batch sizes must split evenly across them too).
+  """Checks an evaluation config before anything loads or compiles.
 
   Raises:
-    ValueError: naming the offending ``config.<field>`` and the allowed values.
+    ValueError: listing missing fields, or ``config.<field>: ...`` naming a bad one.
   """
-  def fail(field, message):
-    raise ValueError(f"config.{field}: {message}")
-
-  missing = []
-  for section, fields in REQUIRED_FIELDS.items():
-    node = config
-    if section:
-      if section not in config:
-        missing.append(section)
-        continue
-      node = config[section]
-    missing += [f"{section}.{f}" if section else f for f in fields if f not in node]
-  if missing:
-    raise ValueError(f"config is missing the field(s) {', '.join(missing)}; see "
-                     "experiments/eval_fashion_mnist.py for a complete evaluation config.")
-
-  if config.protocol not in PROTOCOLS:
-    fail("protocol", f"got {config.protocol!r}, allowed: {', '.join(PROTOCOLS)}.")
-  trains = config.protocol != "knn"
-  if not isinstance(config.training_steps, int) or config.training_steps < int(trains):
-    fail("training_steps", f"must be an int >= {int(trains)} for protocol "
-         f"{config.protocol!r}, got {config.training_steps!r}.")
-  if config.log_every_steps < 1:
-    fail("log_every_steps", f"must be >= 1, got {config.log_every_steps}.")
-
-  ck = config.checkpoint
-  if ck.source not in SOURCES:
-    fail("checkpoint.source", f"got {ck.source!r}, allowed: {', '.join(SOURCES)}.")
-  if ck.source != "none" and not ck.path:
-    fail("checkpoint.path", f"is required with checkpoint.source={ck.source!r} (a "
-         + ("pre-training run's '<checkpoint_dir>/checkpoints' directory)."
-            if ck.source == "pretrain" else "released .pkl file)."))
-
-  d = config.data
-  if d.dataset not in pretrain.DATASETS:
-    fail("data.dataset", f"got {d.dataset!r}, allowed: {', '.join(pretrain.DATASETS)}.")
-  if d.num_classes < 1:
-    fail("data.num_classes", f"must be >= 1, got {d.num_classes}.")
-  if d.dataset in ("fashion_mnist", "imagenet") and d.label_percent not in (1, 10):
-    fail("data.label_percent", f"got {d.label_percent}, allowed: 1, 10.")
-  if d.image_size < 1:
-    fail("data.image_size", f"must be >= 1, got {d.image_size}.")
-  if d.seed < 0:
-    fail("data.seed", f"must be >= 0, got {d.seed}.")
-  for field, value in (("data.batch_size", d.batch_size),
-                       ("evaluation.batch_size", config.evaluation.batch_size)):
-    if value < 1 or value % num_devices or value % num_processes:
-      fail(field, f"must be a positive multiple of the number of devices ({num_devices}) and "
-           f"of processes ({num_processes}), got {value}.")
-
-  a = config.augmentation
-  if not 0 < a.crop_size <= d.image_size:
-    fail("augmentation.crop_size", f"must be in (0, data.image_size={d.image_size}], "
-         f"got {a.crop_size}.")
-  scale = tuple(a.crop_scale)
-  if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-    fail("augmentation.crop_scale", f"must be (low, high) with 0 < low <= high <= 1, "
-         f"got {scale}.")
-  if not isinstance(a.flip, bool):
-    fail("augmentation.flip", f"must be True or False, got {a.flip!r}.")
-
-  n = config.network
-  if n.encoder not in networks.ENCODER_NAMES:
-    fail("network.encoder", f"got {n.encoder!r}, allowed: {', '.join(networks.ENCODER_NAMES)}.")
-  if not isinstance(n.width_multiplier, int) or n.width_multiplier < 1:
-    fail("network.width_multiplier", f"must be an int >= 1, got {n.width_multiplier!r}.")
-  if n.compute_dtype not in ("float32", "bfloat16"):
-    fail("network.compute_dtype", f"got {n.compute_dtype!r}, allowed: float32, bfloat16.")
-  if n.small_images and a.crop_size > 64:
-    fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for inputs "
-         f"of at most 64 px, got augmentation.crop_size={a.crop_size}; set "
-         "network.small_images=False.")
-  if not n.small_images and a.crop_size < 32:
-    fail("network.small_images", "the ImageNet stem downsamples by 32 and needs inputs of at "
-         f"least 32 px, got augmentation.crop_size={a.crop_size}; set network.small_images=True.")
-
-  o = config.optimizer
+  rules.require_fields(config, _FIELDS, _EXAMPLE)
+  protocol = rules.one_of(config, "protocol", PROTOCOLS)
+  steps = rules.integer(config, "training_steps", low=int(protocol != "knn"))
+  rules.integer(config, "log_every_steps", low=1)
+  source = rules.one_of(config, "checkpoint.source", SOURCES)
+  if source != "none" and not config.checkpoint.path:
+    rules.fail("checkpoint.path", f"is required with checkpoint.source={source!r} (a " + (
+        "pre-training run's '<checkpoint_dir>/checkpoints' directory)." if source == "pretrain"
+        else "released .pkl file)."))
+  dataset = rules.one_of(config, "data.dataset", pretrain.DATASETS)
+  rules.integer(config, "data.num_classes", low=1)
+  if dataset in ("fashion_mnist", "imagenet"):
+    rules.one_of(config, "data.label_percent", (1, 10))
+  image_size = rules.integer(config, "data.image_size", low=1)
+  rules.integer(config, "data.seed", low=0)
+  rules.one_of(config, "data.eval_split", ("test", "validation"))
+  rules.boolean(config, "data.skip_corrupt_images")
+  for field in ("data.batch_size", "evaluation.batch_size"):
+    rules.batch_divisible(config, field, num_devices=num_devices, num_processes=num_processes)
+  crop = rules.integer(config, "augmentation.crop_size", low=1, high=image_size)
+  rules.interval(config, "augmentation.crop_scale", 0.0, 1.0, low_open=True)
+  rules.boolean(config, "augmentation.flip")
+  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
+  rules.integer(config, "network.width_multiplier", low=1)
+  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
+  if rules.boolean(config, "network.small_images") and crop > 64:
+    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
+               f"inputs of at most 64 px, got augmentation.crop_size={crop}; set it to False.")
+  if not config.network.small_images and crop < 32:
+    rules.fail("network.small_images", "the ImageNet stem downsamples by 32 and needs inputs of "
+               f"at least 32 px, got augmentation.crop_size={crop}; set it to True.")
   for field in ("encoder_base_learning_rate", "head_base_learning_rate", "weight_decay"):
-    if o[field] < 0:
-      fail(f"optimizer.{field}", f"must be >= 0, got {o[field]}.")
-  if not 0 <= o.momentum < 1:
-    fail("optimizer.momentum", f"must be in [0, 1), got {o.momentum}.")
-  if not isinstance(o.nesterov, bool):
-    fail("optimizer.nesterov", f"must be True or False, got {o.nesterov!r}.")
-  if not 0 <= o.warmup_steps <= max(config.training_steps, 0):
-    fail("optimizer.warmup_steps", f"must be in [0, training_steps={config.training_steps}], "
-         f"got {o.warmup_steps}.")
-
-  e = config.evaluation
-  if e.max_examples < 0:
-    fail("evaluation.max_examples", f"must be 0 (the whole test split) or >= 1, "
-         f"got {e.max_examples}.")
-  ks = tuple(e.knn_ks)
-  if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-    fail("evaluation.knn_ks", f"must be a non-empty tuple of ints >= 1, got {ks}.")
-  if not e.knn_temperature > 0:
-    fail("evaluation.knn_temperature", f"must be > 0, got {e.knn_temperature}.")
+    rules.number(config, f"optimizer.{field}", 0.0)
+  rules.number(config, "optimizer.momentum", 0.0, 1.0, high_open=True)
+  rules.boolean(config, "optimizer.nesterov")
+  rules.integer(config, "optimizer.warmup_steps", low=0, high=max(steps, 0))
+  rules.integer(config, "evaluation.max_examples", low=0)
+  rules.int_tuple(config, "evaluation.knn_ks", low=1)
+  rules.number(config, "evaluation.knn_temperature", 0.0, low_open=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# Encoder sources.
-# ----------------------------------------------------------------------------------------------
-
-def encoder_modules(tree: Mapping[str, Any]) -> Dict[str, Any]:
-  """The encoder's modules of a pre-training ``online_params`` / ``online_state`` tree.
-
-  Args:
-    tree: Haiku tree ``{module_name: {name: array}}`` of the pre-training online network.
-
-  Returns:
-    The entries whose top-level scope is not a head: not ``projector/...``,
-    ``predictor/...`` nor ``classifier...`` (the same leaves, not copies).
-  """
-  def is_head(module):
-    scope = module.split("/", 1)[0]
-    return scope in HEAD_SCOPES or scope.startswith(HEAD_SCOPE_PREFIXES)
-  return {m: v for m, v in tree.items() if not is_head(m)}
-
-
-def load_pretrain_encoder(path: str) -> Tuple[ModuleTree, ModuleTree, Optional[int]]:
-  """The encoder of a pre-training run's newest Orbax checkpoint, as host numpy arrays.
-
-  Reads only ``train_state.online_params`` / ``online_state`` of the experiment snapshot
-  (partial restore: optimiser states, target network and queues stay on disk) and keeps the
-  encoder modules (:func:`encoder_modules`).
-
-  Args:
-    path: ``<checkpoint_dir>/checkpoints`` of a run launched with ``experiments/launch.py``
-      (its ``latest`` series), a series directory, or one checkpoint directory.
-
-  Returns:
-    ``(params, state, global_step)``: ``{module: {name: np.ndarray}}`` trees (float32
-    weights; BatchNorm ``counter`` int32 ``[]``, ``hidden`` / ``average`` ``(1, 1, 1, C)``) and
-    the pre-training step of the checkpoint (None if not recorded).
-
-  Raises:
-    checkpointing.CheckpointError: no checkpoint there, or not a pre-training snapshot.
-  """
-  def select(snapshot):
-    train_state = snapshot["train_state"]
-    return {"train_state": {k: encoder_modules(train_state[k])
-                            for k in ("online_params", "online_state")}}
-
-  try:
-    global_step, snapshot = checkpointing.read_experiment_snapshot(path, select=select)
-  except checkpointing.CheckpointError as e:
-    raise checkpointing.CheckpointError(
-        f"config.checkpoint.path: {e} Expected a pre-training run's checkpoints with "
-        "train_state.online_params / online_state.") from e
-  restored = snapshot["train_state"]
-  as_dicts = lambda t: {m: {k: np.asarray(v) for k, v in leaves.items()} for m, leaves in t.items()}
-  return as_dicts(restored["online_params"]), as_dicts(restored["online_state"]), global_step
-
-
-def _check_encoder(params, state, expected_params, expected_state, what: str,
-                   network_config) -> None:
-  """Raises CheckpointError listing every name/shape difference to our encoder."""
-  diffs = checkpointing.verify_checkpoint_tree(params, state, expected_params, expected_state)
-  if diffs:
-    count = lambda word: sum(f": {word} " in d for d in diffs)
-    shown = diffs[:40] + ([f"... and {len(diffs) - 40} more"] if len(diffs) > 40 else [])
-    n = network_config
-    raise checkpointing.CheckpointError(
-        f"{what} does not match config.network (encoder={n.encoder!r}, "
-        f"width_multiplier={n.width_multiplier}, small_images={n.small_images}): "
-        f"{len(diffs)} difference(s) ({count('missing')} missing, {count('unexpected')} "
-        f"unexpected, {len(diffs) - count('missing') - count('unexpected')} of another shape):"
-        "\n  " + "\n  ".join(shown))
-
-
-# ----------------------------------------------------------------------------------------------
-# The experiment.
-# ----------------------------------------------------------------------------------------------
-
-class EvalExperiment(pretrain.MeshExperiment):
+class EvalExperiment(mesh_experiment.MeshExperiment):
   """Fine-tune / linear / kNN evaluation of an encoder (see the module docstring).
 
-  Train state (``self._train_state``, checkpointed as ``train_state``), all replicated:
-    ``encoder_params``, ``encoder_state``: the encoder's Haiku params / BatchNorm state;
-    ``head_params``: ``{'linear': {'w': [F, C], 'b': [C]}}`` (fine_tune, linear);
-    ``opt_state``: ``{'head': ..., 'encoder': ...}`` (``'encoder'`` for fine_tune only).
+  Train state (all replicated): ``encoder_params``, ``encoder_state``, and for fine_tune /
+  linear ``head_params`` (``{'linear': {'w': [F, C], 'b': [C]}}``) and ``opt_state``
+  (``{'head': ..., 'encoder': ...}``; ``'encoder'`` for fine_tune only).
   """
 
   def __init__(self, mode: str, init_rng: jax.Array, config: config_dict.ConfigDict):
     super().__init__(mode=mode, init_rng=init_rng)
     self.config = config
     self._mesh = parallel.make_mesh()
-    self._num_devices = self._mesh.shape["data"]
-    validate_config(config, num_devices=self._num_devices, num_processes=jax.process_count())
+    validate_config(config, num_devices=self._mesh.shape["data"],
+                    num_processes=jax.process_count())
     self._protocol = config.protocol
     self._PROGRESS_PREFIX = config.protocol  # pylint: disable=invalid-name
     init_key, self._root_key = jax.random.split(jnp.asarray(init_rng))
-    self._build_networks()
-    # evaluation.max_examples is applied here (test split only, any dataset), not by DataSource
-    # (which would also cut the kNN bank).
-    eval_config = config_dict.ConfigDict(config.evaluation.to_dict())
-    eval_config.max_examples = 0
-    self._data = pretrain.DataSource(self._data_source_config(), eval_config)
+    n = config.network
+    network = train.NetworkConfig(encoder=n.encoder, width_multiplier=n.width_multiplier,
+                                  small_images=n.small_images, compute_dtype=n.compute_dtype)
+    self._encoder = hk.transform_with_state(
+        lambda images, is_training: train.encoder_fn(network)(images, is_training))
+    self._head = evaluation.linear_head(config.data.num_classes)
+    a = config.augmentation
+    self._data = DataSource(self._data_source_config(), _without_max_examples(config.evaluation),
+                            Views(num_large=1, large_size=a.crop_size,
+                                  large_scale=tuple(a.crop_scale)))
     self._source_info = ""
-    self._train_state = self._init_state(init_key)
+    self._train_state = self._place(self._init_state(init_key))
     self._train_step = None
-    self._eval_fn = None
-    self._knn_fn = None
-
-  # --- setup -----------------------------------------------------------------------------------
-
-  def _build_networks(self):
-    n = self.config.network
-    dtype = jnp.bfloat16 if n.compute_dtype == "bfloat16" else jnp.float32
-
-    def encoder_fn(images, is_training):
-      # Top-level module: the same names as the pre-training encoder and the release.
-      return networks.make_encoder(n.encoder, width_multiplier=n.width_multiplier,
-                                   small_images=n.small_images, compute_dtype=dtype)(
-                                       images, is_training)
-
-    def head_fn(embedding):
-      return networks.LinearClassifier(self.config.data.num_classes, name="linear")(embedding)
-
-    self._encoder = hk.transform_with_state(encoder_fn)
-    self._head = hk.transform(head_fn)
+    self._embed = None
 
   def _data_source_config(self) -> config_dict.ConfigDict:
-    """The pre-training DataSource's data config for labelled-only batches."""
+    """The DataSource's data config: labelled batches of ``data.batch_size`` images."""
     d = self.config.data
     cfg = config_dict.ConfigDict(d.to_dict())
     cfg.labelled_batch_size = d.batch_size
@@ -335,6 +143,11 @@ class EvalExperiment(pretrain.MeshExperiment):
     cfg.unlabelled_batch_size = jax.process_count()
     cfg.unlabelled_dir = d.labelled_dir
     return cfg
+
+  def _place(self, tree):
+    return jax.device_put(tree, parallel.replicated_sharding(self._mesh))
+
+  # --- encoder and state ---------------------------------------------------------------------
 
   def _load_encoder(self, key, expected_params, expected_state):
     c = self.config.checkpoint
@@ -345,109 +158,97 @@ class EvalExperiment(pretrain.MeshExperiment):
     if c.source == "release":
       params, state = checkpointing.load_released_checkpoint(
           c.path, encoder_prefix=c.encoder_prefix or None)
-      what = f"config.checkpoint.path={c.path!r} (release checkpoint)"
       self._source_info = f"release checkpoint {c.path}"
     else:
-      params, state, step = load_pretrain_encoder(c.path)
-      what = f"config.checkpoint.path={c.path!r} (pre-training checkpoint)"
+      params, state, step = encoder_sources.load_pretrain_encoder(c.path)
       self._source_info = f"pre-training checkpoint {c.path} (step {step})"
-    _check_encoder(params, state, expected_params, expected_state, what, self.config.network)
+    encoder_sources.check_encoder(
+        params, state, expected_params, expected_state,
+        f"config.checkpoint.path={c.path!r} "
+        f"({'release' if c.source == 'release' else 'pre-training'} checkpoint)",
+        self.config.network)
     cast = lambda tree, like: {m: {k: jnp.asarray(v, like[m][k].dtype) for k, v in leaves.items()}
                                for m, leaves in tree.items()}
     return cast(params, expected_params), cast(state, expected_state)
 
-  def _eval_view(self, images: jax.Array) -> jax.Array:
-    """uint8/float images ``[B, H, W, C]`` -> the normalised whole image at the crop size."""
-    size = self.config.augmentation.crop_size
-    x = pretrain.preprocess(images)
-    if x.shape[1:3] != (size, size):
-      x = jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=True)
-    return augmentations.normalize(x)
-
-  def _random_encoder(self, key: jax.Array) -> Tuple[PyTree, PyTree]:
+  def _random_encoder(self, key: jax.Array):
     """Random weights, and BatchNorm statistics from one training-mode pass over the first
-    labelled batch: Haiku's freshly initialised running averages are zero, which would make an
+    labelled batch: Haiku's fresh running averages are zero, which would make an
     inference-mode (linear, kNN) baseline divide by sqrt(eps)."""
-    images = parallel.host_local_to_global(self._data.train_batch(0)["labelled_images"],
+    images = parallel.host_local_to_global(_labelled_images(self._data.train_batch(0)),
                                            self._mesh)
+    size = self.config.augmentation.crop_size
 
     def init(key, images):
-      x = self._eval_view(images)
+      x = evaluation.eval_view(images, size)
       params, state = self._encoder.init(key, x, True)
-      _, state = self._encoder.apply(params, state, None, x, True)
-      return params, state
+      return params, self._encoder.apply(params, state, None, x, True)[1]
 
     replicated = parallel.replicated_sharding(self._mesh)
     with jax.set_mesh(self._mesh):
       return jax.jit(init, in_shardings=(replicated, parallel.data_sharding(self._mesh)),
                      out_shardings=replicated)(key, images)
 
-  def _init_state(self, key: jax.Array) -> PyTree:
+  def _schedules(self) -> Dict[str, optax.Schedule]:
+    """Warm-up + cosine learning rates of what trains: the head, and the encoder (fine_tune)."""
+    o, c = self.config.optimizer, self.config
+    names = {"fine_tune": ("head", "encoder"), "linear": ("head",)}.get(self._protocol, ())
+    return {name: optim.learning_rate_schedule(
+        base_learning_rate=o[f"{name}_base_learning_rate"], batch_size=c.data.batch_size,
+        total_steps=max(c.training_steps, 1), warmup_steps=o.warmup_steps) for name in names}
+
+  def _optimizers(self) -> Dict[str, optax.GradientTransformation]:
+    o = self.config.optimizer
+    # Weight decay on weights only (not biases / BatchNorm), as in pre-training.
+    return {name: optax.chain(optax.add_decayed_weights(o.weight_decay, mask=optim.lars_mask),
+                              optax.sgd(schedule, momentum=o.momentum or None,
+                                        nesterov=o.nesterov and o.momentum > 0))
+            for name, schedule in self._schedules().items()}
+
+  def _init_state(self, key: jax.Array) -> Dict[str, Any]:
     c = self.config
     k_encoder, k_head = jax.random.split(key)
-    dummy = jax.ShapeDtypeStruct((2, c.augmentation.crop_size, c.augmentation.crop_size, 3),
-                                 jnp.float32)
-    expected_params, expected_state = jax.eval_shape(
-        lambda k, x: self._encoder.init(k, x, True), k_encoder, dummy)
-    params, state = self._load_encoder(k_encoder, expected_params, expected_state)
+    size = c.augmentation.crop_size
+    dummy = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    expected = jax.eval_shape(lambda k, x: self._encoder.init(k, x, True), k_encoder, dummy)
+    params, state = self._load_encoder(k_encoder, *expected)
     train_state = {"encoder_params": params, "encoder_state": state}
     if self._protocol != "knn":
       width = networks.embedding_size(c.network.encoder, c.network.width_multiplier)
       head_params = self._head.init(k_head, jnp.zeros((1, width), jnp.float32))
-      o = c.optimizer
-      batch = c.data.batch_size
-      self._schedules = {"head": optim.learning_rate_schedule(
-          base_learning_rate=o.head_base_learning_rate, batch_size=batch,
-          total_steps=c.training_steps, warmup_steps=o.warmup_steps)}
-      trainable = {"head": head_params}
-      if self._protocol == "fine_tune":
-        self._schedules["encoder"] = optim.learning_rate_schedule(
-            base_learning_rate=o.encoder_base_learning_rate, batch_size=batch,
-            total_steps=c.training_steps, warmup_steps=o.warmup_steps)
-        trainable["encoder"] = params
-      # Weight decay on weights only (not biases / BatchNorm), as in pre-training.
-      self._optimizers = {
-          name: optax.chain(
-              optax.add_decayed_weights(o.weight_decay, mask=optim.lars_mask),
-              optax.sgd(self._schedules[name], momentum=o.momentum or None,
-                        nesterov=o.nesterov and o.momentum > 0))
-          for name in trainable}
+      trainable = {"head": head_params, "encoder": params}
       train_state["head_params"] = head_params
       train_state["opt_state"] = {name: tx.init(trainable[name])
-                                  for name, tx in self._optimizers.items()}
-    return jax.device_put(train_state, self._shardings(train_state))
+                                  for name, tx in self._optimizers().items()}
+    return train_state
 
-  # --- training --------------------------------------------------------------------------------
-
-  def _augment(self, images: jax.Array, key: jax.Array) -> jax.Array:
-    a = self.config.augmentation
-    k_crop, k_flip = jax.random.split(key)
-    x = augmentations.random_resized_crop(pretrain.preprocess(images), k_crop,
-                                          output_size=a.crop_size, scale=tuple(a.crop_scale))
-    if a.flip:
-      x = augmentations.random_flip(x, k_flip)
-    return augmentations.normalize(x)
+  # --- training ------------------------------------------------------------------------------
 
   def _make_train_step(self):
-    protocol = self._protocol
-    fine_tune = protocol == "fine_tune"
+    a = self.config.augmentation
+    p = self._protocol
+    fine_tune = p == "fine_tune"
+    optimizers, schedules = self._optimizers(), self._schedules()
+    host_crops = self.config.data.dataset != "fashion_mnist"
 
     def train_step(state, images, labels, step):
-      x = self._augment(images, jax.random.fold_in(self._root_key, step))
+      k_crop, k_flip = jax.random.split(jax.random.fold_in(self._root_key, step))
+      x = evaluation.preprocess(images)
+      if host_crops is False:  # Whole images: crop on device (host pipelines crop already).
+        x = augmentations.random_resized_crop(x, k_crop, output_size=a.crop_size,
+                                              scale=tuple(a.crop_scale))
+      x = augmentations.normalize(augmentations.random_flip(x, k_flip) if a.flip else x)
 
       def loss_fn(trainable):
         if fine_tune:
           embedding, encoder_state = self._encoder.apply(
               trainable["encoder"], state["encoder_state"], None, x, True)
-        else:
-          # Frozen encoder: inference-mode BatchNorm (running statistics, state untouched) and
-          # no gradient into it.
-          embedding, _ = self._encoder.apply(state["encoder_params"], state["encoder_state"],
-                                             None, x, False)
-          embedding = jax.lax.stop_gradient(embedding)
+        else:  # Frozen: inference-mode BatchNorm, state untouched, no gradient.
+          embedding = jax.lax.stop_gradient(self._encoder.apply(
+              state["encoder_params"], state["encoder_state"], None, x, False)[0])
           encoder_state = state["encoder_state"]
-        logits = self._head.apply(trainable["head"], None, embedding)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        loss, logits = evaluation.classifier_loss(self._head, trainable["head"], embedding,
+                                                  labels)
         return loss, (encoder_state, logits)
 
       trainable = {"head": state["head_params"]}
@@ -456,175 +257,129 @@ class EvalExperiment(pretrain.MeshExperiment):
       (loss, (encoder_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           trainable)
       new_state = dict(state, opt_state=dict(state["opt_state"]))
-      for name, tx in self._optimizers.items():
+      for name, tx in optimizers.items():
         updates, new_state["opt_state"][name] = tx.update(
             grads[name], state["opt_state"][name], trainable[name])
         trainable[name] = optax.apply_updates(trainable[name], updates)
       new_state["head_params"] = trainable["head"]
       if fine_tune:
-        new_state["encoder_params"] = trainable["encoder"]
-        new_state["encoder_state"] = encoder_state
-      aux = {f"{protocol}_loss": loss,
-             f"{protocol}_train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
-      for name, schedule in self._schedules.items():
-        aux[f"{protocol}_{name}_learning_rate"] = schedule(step)
-      return new_state, aux
+        new_state.update(encoder_params=trainable["encoder"], encoder_state=encoder_state)
+      metrics = {f"{p}_loss": loss, f"{p}_train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
+      metrics.update({f"{p}_{name}_learning_rate": schedule(step)
+                      for name, schedule in schedules.items()})
+      return new_state, metrics
 
-    shardings = self._shardings(self._train_state)
+    replicated = parallel.replicated_sharding(self._mesh)
     data = parallel.data_sharding(self._mesh)
-    return jax.jit(train_step, in_shardings=(shardings, data, data, None),
-                   out_shardings=(shardings, None), donate_argnums=(0,))
+    return jax.jit(train_step, in_shardings=(replicated, data, data, None),
+                   out_shardings=(replicated, None), donate_argnums=(0,))
 
-  def step(self, *, global_step, rng, writer=None) -> Dict[str, float]:
-    """One training step on a labelled batch; ``global_step`` int or jaxline's array.
+  def step(self, *, global_step, rng, writer=None) -> Dict[str, jax.Array]:
+    """One training step on a labelled batch.
 
     Returns:
-      ``{'{protocol}_loss', '{protocol}_train_top1', '{protocol}_{head|encoder}_learning_rate'}``
-      as Python floats.
+      Device scalars ``'{protocol}_loss'``, ``'{protocol}_train_top1'`` and
+      ``'{protocol}_{head|encoder}_learning_rate'`` (nothing is fetched).
     """
     del rng, writer  # Keys are fold_in(root, step).
     if self._protocol == "knn":
       raise ValueError("config.protocol: 'knn' has no training step; set training_steps=0.")
-    step = int(np.asarray(global_step).reshape(-1)[0])
+    step = mesh_experiment.as_int(global_step)
     if self._train_step is None:
       self._train_step = self._make_train_step()
     batch = self._data.train_batch(step)
     # Only the labelled images: every protocol trains on the labelled subset only.
-    batch = parallel.host_local_to_global(
-        {"images": batch["labelled_images"], "labels": batch["labels"]}, self._mesh)
+    g = parallel.host_local_to_global(
+        {"images": _labelled_images(batch), "labels": batch["labels"]}, self._mesh)
     with jax.set_mesh(self._mesh):
-      self._train_state, aux = self._train_step(self._train_state, batch["images"],
-                                                batch["labels"], jnp.int32(step))
-    return {k: float(v) for k, v in jax.device_get(aux).items()}
+      self._train_state, metrics = self._train_step(self._train_state, g["images"], g["labels"],
+                                                    jnp.int32(step))
+    self._remember(metrics)
+    return metrics
 
   def should_run_step(self, global_step: int, config: config_dict.ConfigDict) -> bool:
     """jaxline's rule (``global_step < training_steps``); never for kNN, which has no steps."""
     return self._protocol != "knn" and super().should_run_step(global_step, config)
 
-  def _progress(self, scalars: Mapping[str, float]) -> str:
-    p = self._protocol
-    return " | ".join(f"{k[len(p) + 1:]} {v:.4g}" for k, v in scalars.items())
+  # --- evaluation ----------------------------------------------------------------------------
 
-  def _report(self, results: Mapping[str, float]) -> None:
-    _print_results(results, self.config, self._source_info)
+  def embed_split(self, split: str, max_examples: int = 0):
+    """``(embeddings [N, F], logits [N, C] or [N, 0], labels [N], mask [N])`` of a split
+    (``'test'`` or ``'bank'``), BatchNorm in inference mode, as global arrays sharded along
+    ``N``; ``max_examples`` as in ``evaluation.embed_batches``."""
+    if self._embed is None:
+      with_head = self._protocol != "knn"
+      size = self.config.augmentation.crop_size
 
-  # --- evaluation ------------------------------------------------------------------------------
+      def embed(encoder_params, encoder_state, head_params, images):
+        embedding, _ = self._encoder.apply(encoder_params, encoder_state, None,
+                                           evaluation.eval_view(images, size), False)
+        logits = (self._head.apply(head_params, None, embedding) if with_head
+                  else embedding[:, :0])
+        return embedding, logits
 
-  def _make_eval_fn(self):
-    with_head = self._protocol != "knn"
-
-    def embed(encoder_params, encoder_state, head_params, images):
-      # The whole image at the training resolution, BatchNorm in inference mode.
-      embedding, _ = self._encoder.apply(encoder_params, encoder_state, None,
-                                         self._eval_view(images), False)
-      logits = self._head.apply(head_params, None, embedding) if with_head else embedding[:, :0]
-      return embedding, logits
-
-    replicated = parallel.replicated_sharding(self._mesh)
-    data = parallel.data_sharding(self._mesh)
-    return jax.jit(embed, in_shardings=(replicated, replicated, replicated, data),
-                   out_shardings=(data, data))
-
-  def _make_knn_fn(self):
-    e = self.config.evaluation
-    num_classes = self.config.data.num_classes
-
-    def predict(queries, bank, bank_labels, bank_mask):
-      # Padding rows of the bank get label -1: never a neighbour.
-      bank_labels = jnp.where(bank_mask, bank_labels, -1)
-      return tuple(jnp.argmax(knn.weighted_knn_scores(
-          queries, bank, bank_labels, k=min(k, bank.shape[0]), num_classes=num_classes,
-          temperature=e.knn_temperature), axis=-1) for k in e.knn_ks)
-
-    data = parallel.data_sharding(self._mesh)
-    return jax.jit(predict, in_shardings=(data,) * 4, out_shardings=data)
-
-  def embed_split(self, split: str, max_examples: int = 0
-                  ) -> Tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Embeds a split with the current encoder (and head), BatchNorm in inference mode.
-
-    Args:
-      split: ``'test'`` (the evaluation split) or ``'bank'`` (the labelled training images).
-      max_examples: 0 = all; else only the first ``max_examples`` examples (in evaluation
-        order) are unmasked, and no batch after them is computed.
-
-    Returns:
-      ``(embeddings float32 [N, F], logits float32 [N, C] ([N, 0] for kNN), labels int32 [N]
-      (-1 on padding), mask bool [N])``: global arrays sharded along ``N`` (``N`` = number of
-      evaluation batches times ``evaluation.batch_size``).
-    """
-    if self._eval_fn is None:
-      self._eval_fn = self._make_eval_fn()
+      replicated = parallel.replicated_sharding(self._mesh)
+      data = parallel.data_sharding(self._mesh)
+      self._embed = jax.jit(embed, in_shardings=(replicated,) * 3 + (data,),
+                            out_shardings=(data, data))
     s = self._train_state
-    head_params = s.get("head_params", {})
-    batch_size = self.config.evaluation.batch_size
-    host_b = batch_size // jax.process_count()
-    embs, logits, labels, masks = [], [], [], []
-    for i, batch in enumerate(self._data.eval_batches(split)):
-      if max_examples and i * batch_size >= max_examples:
-        break
-      mask = np.asarray(batch["mask"], bool)
-      if max_examples:
-        position = i * batch_size + jax.process_index() * host_b + np.arange(host_b)
-        mask = mask & (position < max_examples)
-      g = parallel.host_local_to_global(
-          {"images": batch["images"], "labels": np.asarray(batch["labels"], np.int32),
-           "mask": mask}, self._mesh)
-      with jax.set_mesh(self._mesh):
-        emb, logit = self._eval_fn(s["encoder_params"], s["encoder_state"], head_params,
-                                   g["images"])
-      embs.append(emb)
-      logits.append(logit)
-      labels.append(g["labels"])
-      masks.append(g["mask"])
-    cat = lambda xs: jnp.concatenate(xs, axis=0)
-    return cat(embs), cat(logits), cat(labels), cat(masks)
+    fn = lambda images: self._embed(s["encoder_params"], s["encoder_state"],
+                                    s.get("head_params", {}), images)
+    (emb, logits), labels, mask = evaluation.embed_batches(
+        fn, self._data.eval_batches(split), self._mesh, max_examples)
+    return emb, logits, labels, mask
 
   def evaluate(self, *, global_step, rng, writer=None) -> Dict[str, float]:
-    """Top-1 accuracy of the protocol on the test split (see the module docstring).
-
-    Returns:
-      ``{'{protocol}_top1': float in [0, 1], ('knn_top1_k{k}': ...,) 'num_test_examples',
-      'global_step'}``.
-    """
+    """Top-1 of the protocol on the test split (module docstring), plus
+    ``num_test_examples`` and ``global_step``."""
     del rng, writer
     c = self.config
-    p = self._protocol
     emb, logits, labels, mask = self.embed_split("test", c.evaluation.max_examples)
-    count = jnp.sum(mask)
-    correct = lambda pred: float(jnp.sum((pred == labels) & mask) / jnp.maximum(count, 1))
-    results = {}
-    if p == "knn":
-      bank_emb, _, bank_labels, bank_mask = self.embed_split("bank")
-      if self._knn_fn is None:
-        self._knn_fn = self._make_knn_fn()
-      with jax.set_mesh(self._mesh):
-        predictions = self._knn_fn(emb, bank_emb, bank_labels, bank_mask)
-      for k, pred in zip(c.evaluation.knn_ks, predictions):
-        results[f"knn_top1_k{k}"] = correct(pred)
+    if self._protocol == "knn":
+      bank, _, bank_labels, bank_mask = self.embed_split("bank")
+      results = evaluation.knn_top1(
+          emb, labels, mask, bank, bank_labels, bank_mask, ks=tuple(c.evaluation.knn_ks),
+          num_classes=c.data.num_classes, temperature=c.evaluation.knn_temperature,
+          mesh=self._mesh)
       results["knn_top1"] = results[f"knn_top1_k{c.evaluation.knn_ks[0]}"]
     else:
-      results[f"{p}_top1"] = correct(jnp.argmax(logits, -1))
-    results["num_test_examples"] = float(count)
-    results["global_step"] = float(np.asarray(global_step).reshape(-1)[0])
+      results = {f"{self._protocol}_top1": evaluation.top1(jnp.argmax(logits, -1), labels, mask)}
+    results["num_test_examples"] = float(jnp.sum(mask))
+    results["global_step"] = float(mesh_experiment.as_int(global_step))
     return results
 
+  def _progress(self, scalars: Mapping[str, Any]) -> str:
+    p = self._protocol
+    return " | ".join(f"{k[len(p) + 1:]} {float(v):.4g}" for k, v in scalars.items())
 
-def _print_results(results: Mapping[str, float], config: config_dict.ConfigDict,
-                   source: str) -> None:
-  p = config.protocol
-  n = config.network
-  print(f"[eval {p}] protocol={p} dataset={config.data.dataset} "
-        f"labels={config.data.label_percent}% encoder={n.encoder} x{n.width_multiplier} "
-        f"step={int(results['global_step'])}", flush=True)
-  print(f"[eval {p}] encoder from {source}", flush=True)
-  examples = int(results["num_test_examples"])
-  names = {"fine_tune_top1": "fine-tune top-1", "linear_top1": "linear top-1"}
-  for key, value in results.items():
-    if key in ("global_step", "num_test_examples", "knn_top1"):
-      continue
-    label = names.get(key, key)
-    if key.startswith("knn_top1_k"):
-      label = (f"kNN top-1 (k={key[len('knn_top1_k'):]}, "
-               f"τ={config.evaluation.knn_temperature}, labelled train bank)")
-    print(f"[eval {p}]   {label} (test, {examples} images): {100 * value:.2f}%", flush=True)
+  def _report(self, results: Mapping[str, float]) -> None:
+    c, p, say = self.config, self._protocol, mesh_experiment.say
+    say(f"[eval {p}] protocol={p} dataset={c.data.dataset} labels={c.data.label_percent}% "
+        f"encoder={c.network.encoder} x{c.network.width_multiplier} "
+        f"step={int(results['global_step'])}")
+    say(f"[eval {p}] encoder from {self._source_info}")
+    examples = int(results["num_test_examples"])
+    for key, value in results.items():
+      if key in ("global_step", "num_test_examples", "knn_top1"):
+        continue
+      label = {"fine_tune_top1": "fine-tune top-1", "linear_top1": "linear top-1"}.get(key, key)
+      if key.startswith("knn_top1_k"):
+        label = (f"kNN top-1 (k={key[len('knn_top1_k'):]}, "
+                 f"τ={c.evaluation.knn_temperature}, labelled train bank)")
+      say(f"[eval {p}]   {label} (test, {examples} images): {100 * value:.2f}%")
+
+
+def _without_max_examples(eval_config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """``evaluation.max_examples`` applies to the test split only (in ``embed_split``), so the
+  DataSource, which would also cut the kNN bank, gets 0."""
+  cfg = config_dict.ConfigDict(eval_config.to_dict())
+  cfg.max_examples = 0
+  return cfg
+
+
+def _labelled_images(batch: Mapping[str, Any]) -> Any:
+  """The labelled images of a training batch: whole images (Fashion-MNIST) or the one view the
+  host pipeline cropped from each full image (ImageNet, image folders)."""
+  if "labelled_images" in batch:
+    return batch["labelled_images"]
+  return batch["labelled_large"][:, 0]

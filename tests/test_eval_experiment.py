@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from semppl_jax import checkpointing as ck
+from semppl_jax import encoder_sources
 from semppl_jax import eval_experiment as ev
 from semppl_jax import jaxline_compat
 
@@ -95,7 +96,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def heads():
-  """Pre-training head modules (names as in semppl_jax.experiment.build_networks)."""
+  """Pre-training head modules (names as in semppl_jax.train.build_networks)."""
   rng = np.random.RandomState(1)
   f = lambda *s: rng.normal(size=s).astype(np.float32)
   params = {"projector/linear": {"w": f(32, 8), "b": f(8)},
@@ -221,7 +222,8 @@ def linear_run(tmp_path_factory, pretrain_dir, jaxline_flags):
   second launch on the same directory, which must resume instead of retraining."""
   directory = str(tmp_path_factory.mktemp("linear"))
   config = _tiny_config("linear", 2, source="pretrain", path=pretrain_dir)
-  import io, contextlib  # pylint: disable=g-import-not-at-top,multiple-imports
+  import contextlib
+  import io  # pylint: disable=g-import-not-at-top,multiple-imports
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     first = _run_jaxline(config, directory, 2)
@@ -360,19 +362,19 @@ def test_launcher_runs_knn_on_a_pretraining_checkpoint(tmp_path, pretrain_dir):
 
 
 def test_load_pretrain_encoder_takes_encoder_modules_of_newest(pretrain_dir, encoder):
-  params, state, step = ev.load_pretrain_encoder(pretrain_dir)
+  params, state, step = encoder_sources.load_pretrain_encoder(pretrain_dir)
   assert step == 123
   _assert_trees_equal(params, encoder[0])
   _assert_trees_equal(state, encoder[1])
   # A series directory or a single checkpoint directory work too.
-  p2, _, _ = ev.load_pretrain_encoder(os.path.join(pretrain_dir, "latest"))
+  p2, _, _ = encoder_sources.load_pretrain_encoder(os.path.join(pretrain_dir, "latest"))
   _assert_trees_equal(p2, encoder[0])
 
 
 def test_encoder_modules_drops_heads():
   tree = {"tiny_res_net/~/initial_conv": 1, "projector/linear": 2, "predictor/linear_1": 3,
           "classifier": 4, "classifier_probe/linear": 5}
-  assert ev.encoder_modules(tree) == {"tiny_res_net/~/initial_conv": 1}
+  assert encoder_sources.encoder_modules(tree) == {"tiny_res_net/~/initial_conv": 1}
 
 
 def test_mismatched_release_architecture_lists_differences(release_pkl):
@@ -403,9 +405,9 @@ def test_mismatched_pretrain_architecture_lists_differences(pretrain_dir):
 
 def test_missing_checkpoint_paths_raise(tmp_path):
   with pytest.raises(ck.CheckpointError, match="config.checkpoint.path"):
-    ev.load_pretrain_encoder(str(tmp_path / "nope"))
+    encoder_sources.load_pretrain_encoder(str(tmp_path / "nope"))
   with pytest.raises(ck.CheckpointError, match="no complete checkpoint"):
-    ev.load_pretrain_encoder(str(tmp_path))
+    encoder_sources.load_pretrain_encoder(str(tmp_path))
   config = _tiny_config("knn", 0, source="release", path=str(tmp_path / "missing.pkl"))
   with pytest.raises(ck.CheckpointError, match="does not exist"):
     ev.EvalExperiment("train", jax.random.PRNGKey(0), config)
@@ -425,25 +427,27 @@ def _set(config, field, value):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("protocol", "finetune", "fine_tune, linear, knn"),
-    ("training_steps", 0, ">= 1 for protocol 'linear'"),
-    ("checkpoint.source", "orbax", "pretrain, release, none"),
+    ("protocol", "finetune", "'fine_tune', 'linear', 'knn'"),
+    ("training_steps", 0, "must be in [1, inf], got 0"),
+    ("checkpoint.source", "orbax", "'pretrain', 'release', 'none'"),
     ("checkpoint.path", "", "required with checkpoint.source='release'"),
-    ("data.dataset", "mnist", "allowed: fashion_mnist"),
+    ("data.dataset", "mnist", "allowed: 'fashion_mnist'"),
     ("data.label_percent", 5, "allowed: 1, 10"),
-    ("data.batch_size", 12, "multiple of the number of devices (8)"),
-    ("evaluation.batch_size", 100, "multiple of the number of devices (8)"),
-    ("augmentation.crop_size", 32, "(0, data.image_size=28]"),
-    ("augmentation.crop_scale", (0.5, 0.2), "0 < low <= high <= 1"),
-    ("network.encoder", "resnet7", "allowed: tiny_resnet"),
-    ("network.small_images", False, "set network.small_images=True"),
-    ("network.compute_dtype", "float16", "float32, bfloat16"),
-    ("optimizer.momentum", 1.0, "[0, 1)"),
-    ("optimizer.head_base_learning_rate", -0.1, ">= 0"),
-    ("optimizer.warmup_steps", 9, "[0, training_steps=2]"),
+    ("data.batch_size", 12, "not a multiple of the global number of devices (8)"),
+    ("evaluation.batch_size", 100, "not a multiple of the global number of devices (8)"),
+    ("augmentation.crop_size", 32, "must be in [1, 28], got 32"),
+    ("augmentation.crop_scale", (0.5, 0.2), "0.0 < a <= b <= 1.0"),
+    ("network.encoder", "resnet7", "allowed: 'tiny_resnet'"),
+    ("network.small_images", False, "set it to True"),
+    ("network.compute_dtype", "float16", "'float32', 'bfloat16'"),
+    ("optimizer.momentum", 1.0, "[0.0, 1.0)"),
+    ("optimizer.head_base_learning_rate", -0.1, "[0.0, inf]"),
+    ("optimizer.head_base_learning_rate", float("nan"), "must be a finite number"),
+    ("optimizer.warmup_steps", 9, "must be in [0, 2], got 9"),
     ("evaluation.knn_ks", (20, 0), "ints >= 1"),
-    ("evaluation.knn_temperature", 0.0, "> 0"),
-    ("evaluation.max_examples", -1, "0 (the whole test split)"),
+    ("evaluation.knn_ks", (), "non-empty tuple"),
+    ("evaluation.knn_temperature", 0.0, "(0.0, inf]"),
+    ("evaluation.max_examples", -1, "must be in [0, inf], got -1"),
 ])
 def test_bad_config_values_raise_naming_the_field(field, value, expected):
   config = _tiny_config("linear", 2, source="release", path="x.pkl")
@@ -458,8 +462,8 @@ def test_missing_fields_are_listed_and_constructor_validates_first():
   config = _tiny_config("knn", 0)
   del config.evaluation["knn_ks"]
   del config["augmentation"]
-  with pytest.raises(ValueError, match=r"missing the field\(s\) augmentation, "
-                     r"evaluation\.knn_ks"):
+  with pytest.raises(ValueError, match=r"missing the field\(s\) augmentation\.crop_size, "
+                     r"augmentation\.crop_scale, augmentation\.flip, evaluation\.knn_ks"):
     ev.validate_config(config, num_devices=8)
   config = _tiny_config("knn", 0)
   config.protocol = "probe"

@@ -77,9 +77,9 @@ def test_killed_run_resumes_bit_identical_on_1_device(tmp_path):
   no_eval = "--config.experiment_kwargs.config.evaluate_at_end=False"
   proc = _launch(resumed_dir, 1, f"--config.training_steps={steps}", no_eval, wait=False)
   deadline = time.time() + 300
-  # SIGKILL as soon as the checkpoint of global step 3 exists (ids count saves: id n = step n+1).
+  # SIGKILL as soon as the checkpoint of global step 3 exists (directories are numbered by global step).
   while time.time() < deadline and proc.poll() is None and max(_saved_steps(resumed_dir),
-                                                               default=-1) < 2:
+                                                               default=-1) < 3:
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -105,21 +105,33 @@ def _config():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("data.labelled_batch_size", 12, "data.labelled_batch_size: 12 is not divisible"),
-    ("data.unlabelled_batch_size", 4, "data.unlabelled_batch_size: 4 is not divisible"),
-    ("data.labelled_batch_size", 0, "data.labelled_batch_size: every batch needs labelled"),
+    ("data.labelled_batch_size", 12, r"data.labelled_batch_size: 12 is not a multiple of the "
+     r"global number of devices \(8\)"),
+    ("data.unlabelled_batch_size", 4, "data.unlabelled_batch_size: 4 is not a multiple"),
+    ("data.labelled_batch_size", 0, r"data.labelled_batch_size: must be in \[1, inf\], got 0"),
     ("data.labelled_batch_size", 72, r"queue.size: 64 is smaller than the labelled items "
      r"written per step \(data.labelled_batch_size=72\)"),
-    ("queue.size", 60, "queue.size: 60 is not divisible"),
-    ("semppl.knn_k", 65, "semppl.knn_k: 65 is larger than the queue"),
-    ("semppl.knn_k", 0, "semppl.knn_k: must be >= 1"),
-    ("views.large_size", 40, r"views.large_size: must be in \(0, data.image_size=28\]"),
+    ("queue.size", 60, "queue.size: 60 is not a multiple of the global number of devices"),
+    ("semppl.knn_k", 65, r"semppl.knn_k: must be in \[1, 64\], got 65"),
+    ("semppl.knn_k", 0, r"semppl.knn_k: must be in \[1, 64\], got 0"),
+    ("views.large_size", 40, r"views.large_size: must be in \[1, 28\], got 40"),
     ("network.small_images", False, "network.small_images: the ImageNet stem"),
-    ("network.encoder", "resnet7", "network.encoder: got 'resnet7', allowed: tiny_resnet"),
-    ("objective", "byol", "objective: got 'byol', allowed: semppl, relic, supervised"),
+    ("network.encoder", "resnet7", "network.encoder: got 'resnet7', allowed: 'tiny_resnet'"),
+    ("objective", "byol", "objective: got 'byol', allowed: 'semppl', 'relic', 'supervised'"),
     ("data.label_percent", 5, "data.label_percent: got 5, allowed: 1, 10"),
-    ("semppl.temperature", 0.0, "semppl.temperature: must be > 0"),
-    ("optimizer.warmup_steps", 99, r"optimizer.warmup_steps: must be in \[0, training_steps=4\]"),
+    ("semppl.temperature", 0.0, r"semppl.temperature: must be in \(0.0, inf\], got 0.0"),
+    ("optimizer.warmup_steps", 99, r"optimizer.warmup_steps: must be in \[0, 4\], got 99"),
+    ("optimizer.base_learning_rate", float("nan"), "optimizer.base_learning_rate: must be a "
+     "finite number, got nan"),
+    ("optimizer.base_learning_rate", -1.0, r"optimizer.base_learning_rate: must be in \[0.0"),
+    ("optimizer.momentum", 1.5, r"optimizer.momentum: must be in \[0.0, 1.0\), got 1.5"),
+    ("semppl.semantic_weight", float("nan"), "semppl.semantic_weight: must be a finite number"),
+    ("evaluation.knn_ks", (), "evaluation.knn_ks: must be a non-empty tuple of ints >= 1"),
+    ("evaluation.max_examples", -5, r"evaluation.max_examples: must be in \[0, inf\], got -5"),
+    ("evaluation.knn_temperature", 0.0, r"evaluation.knn_temperature: must be in \(0.0"),
+    ("evaluation.batch_size", 100, "evaluation.batch_size: 100 is not a multiple of the global "
+     "number of devices"),
+    ("views.blur_probability", (1.5, 0.1), r"views.blur_probability.0: must be in \[0.0, 1.0\]"),
 ])
 def test_config_validation_names_field_and_allowed_values(field, value, message):
   config = _config()
@@ -139,7 +151,7 @@ def test_valid_tiny_config_passes_validation():
 def test_labels_outside_num_classes_are_rejected():
   config = _config()
   config.data.num_classes = 5
-  with pytest.raises(ValueError, match=r"data.num_classes.*\[0, data.num_classes=5\)"):
+  with pytest.raises(ValueError, match=r"config.data.num_classes.*must lie in \[0, 5\)"):
     experiment.DataSource(config.data, config.evaluation)
 
 
@@ -162,7 +174,8 @@ def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experime
   for b in (batch, shuffled):
     state = jax.tree_util.tree_map(jnp.copy, exp._train_state)  # pylint: disable=protected-access
     with jax.set_mesh(exp._mesh):  # pylint: disable=protected-access
-      new_state, aux = step_fn(state, parallel.host_local_to_global(b, exp._mesh), jnp.int32(3))  # pylint: disable=protected-access
+      new_state, aux = step_fn(state, parallel.host_local_to_global(b, exp._mesh),  # pylint: disable=protected-access
+                               jax.random.PRNGKey(3))
     results.append((jax.device_get(new_state), jax.device_get(aux)))
   (state_a, aux_a), (state_b, aux_b) = results
   assert aux_a["loss"] == aux_b["loss"]
@@ -178,7 +191,7 @@ def test_imagenet_data_path_trains_and_evaluates_on_mock_data():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   config = _config()
   config.data.update(dict(dataset="imagenet", num_classes=1000, image_size=32,
-                          knn_bank_split="train", label_percent=10))
+                          label_percent=10))
   config.views.update(dict(large_size=16, small_size=8))
   config.evaluation.update(dict(batch_size=32, max_examples=0))
   with tfds.testing.mock_data(num_examples=64):

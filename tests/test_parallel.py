@@ -157,7 +157,10 @@ WORKER = textwrap.dedent("""
     for q in queries:
       scores = keys @ q
       order = sorted(np.flatnonzero(labels >= 0), key=lambda j: (-scores[j], j))[:3]
-      expected.append(int(np.argmax(np.bincount(labels[order], minlength=classes))))
+      counts = np.bincount(labels[order], minlength=classes)
+      sums = np.bincount(labels[order], weights=scores[order], minlength=classes)
+      # Most votes, then the largest summed similarity, then the smallest label.
+      expected.append(min(range(classes), key=lambda c: (-counts[c], -sums[c], c)))
     local = parallel.global_to_host_local(arrays)
     assert np.array_equal(local["keys"], mine(keys))
     got = parallel.global_to_host_local(votes).tolist()

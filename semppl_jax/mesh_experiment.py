@@ -1,0 +1,124 @@
+"""jaxline plumbing shared by the pre-training and evaluation experiments, without pmap.
+
+jaxline's default loop replicates with ``pmap``; this base runs one ``jax.jit`` per step over a
+``Mesh`` instead, keeps the step's metrics on device (fetched only when a line is printed), and
+prints progress and results on process 0 only.
+"""
+import collections
+import time
+from typing import Any, Deque, Dict, Mapping
+
+import jax
+import numpy as np
+from jaxline import experiment as jaxline_experiment
+
+PyTree = Any
+
+
+def format_duration(seconds: float) -> str:
+  """Seconds as '12m05s' or '3h07m' (progress lines)."""
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+      f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def as_int(global_step: Any) -> int:
+  """jaxline's step (an int, or a per-device array) as an int."""
+  return int(np.asarray(global_step).reshape(-1)[0])
+
+
+def is_main_process() -> bool:
+  """Only process 0 prints and writes summaries."""
+  return jax.process_index() == 0
+
+
+def say(message: str) -> None:
+  """Prints ``message`` on process 0 only."""
+  if is_main_process():
+    print(message, flush=True)
+
+
+class MeshExperiment(jaxline_experiment.AbstractExperiment):
+  """Base of both experiments: checkpointed state, pmap-free loop, console.
+
+  Subclasses set ``self.config`` (with ``log_every_steps``), ``self._mesh`` and
+  ``self._train_state``, and implement ``_state_tree()`` / ``_place(tree)`` (state <-> the
+  checkpointed pytree), ``step``, ``evaluate``, ``_progress(scalars) -> str`` and
+  ``_report(results)``. Step keys are ``fold_in(root, step)``, so jaxline's rng is not used.
+  """
+
+  CHECKPOINT_ATTRS = {}
+  NON_BROADCAST_CHECKPOINT_ATTRS = {"_train_state": "train_state"}
+  _PROGRESS_PREFIX = "train"
+
+  def __init__(self, mode: str, init_rng: jax.Array):
+    super().__init__(mode=mode, init_rng=init_rng)
+    # Device metrics of the last logging window (averaged into the final report).
+    self._recent: Deque[Dict[str, jax.Array]] = collections.deque(maxlen=1)
+
+  # --- checkpointing -----------------------------------------------------------------------------
+
+  def _state_tree(self) -> PyTree:
+    return self._train_state
+
+  def _place(self, tree: PyTree) -> Any:
+    return tree
+
+  def snapshot_state(self) -> Mapping[str, Any]:
+    """``{'train_state': pytree}``, for the checkpointer."""
+    return {"train_state": self._state_tree()}
+
+  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
+    """Puts a restored ``snapshot_state()`` tree back, placed with the state's shardings."""
+    self._train_state = self._place(snapshot_state["train_state"])
+
+  def initialize_train_step_rng(self, rng: jax.Array) -> jax.Array:
+    """Returns ``rng`` unchanged (jaxline's default splits it per device with pmap)."""
+    return rng
+
+  # --- loop --------------------------------------------------------------------------------------
+
+  def _evaluate_at_end(self) -> bool:
+    return True
+
+  def _remember(self, metrics: Dict[str, jax.Array]) -> None:
+    if self._recent.maxlen != max(1, self.config.log_every_steps):
+      self._recent = collections.deque(self._recent, maxlen=max(1, self.config.log_every_steps))
+    self._recent.append(metrics)
+
+  def recent_mean(self, key: str) -> float:
+    """Mean of a step metric over the last logging window (NaN if never reported)."""
+    values = [m[key] for m in self._recent if key in m]
+    return float(np.mean(jax.device_get(values))) if values else float("nan")
+
+  def train_loop(self, config, state, periodic_actions, writer=None):
+    """jaxline's loop without its pmap: integer steps, a progress line (steps/s, ETA) every
+    ``log_every_steps``, evaluation at the end (also when no step is left to run)."""
+    start_step = int(state.global_step)
+    total = config.training_steps
+    log_every = max(1, self.config.log_every_steps)
+    t0 = time.time()
+    while self.should_run_step(int(state.global_step), config):
+      step = int(state.global_step)
+      metrics = self.step(global_step=step, rng=None, writer=writer)
+      state.global_step = step + 1
+      for action in periodic_actions:
+        action(time.time(), state.global_step, metrics)
+      done = step + 1
+      if done == start_step + 1:  # Rates exclude the first step, which compiles.
+        t0 = time.time()
+      if done % log_every == 0 or done == total or done == start_step + 1:
+        if done == start_step + 1:
+          speed = "compiled"
+        else:
+          rate = (done - start_step - 1) / max(time.time() - t0, 1e-9)
+          speed = f"{rate:.2f} steps/s | ETA {format_duration((total - done) / rate)}"
+        # The only host fetch of the step's metrics: at the log interval.
+        say(f"[{self._PROGRESS_PREFIX}] step {done}/{total} | {speed} | "
+            f"{self._progress(jax.device_get(metrics))}")
+    if self._evaluate_at_end():
+      results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)
+      if writer is not None and is_main_process():
+        writer.write_scalars(int(state.global_step), results)
+      if is_main_process():
+        self._report(results)

@@ -1,0 +1,523 @@
+"""The SemPPL update as pure functions: typed hyper-parameters, a train state, one step.
+
+Everything here is an argument: no config dicts, flags or globals. The jaxline experiment
+(``semppl_jax/experiment.py``) turns its ConfigDict into a :class:`TrainConfig` once, builds the
+state with :func:`init_train_state`, places it with :func:`train_state_shardings` and calls
+:func:`train_step` under ``jax.jit`` inside ``jax.set_mesh(mesh)``.
+
+Sharding. Inside ``jax.set_mesh(mesh)`` (1-D mesh, axis ``'data'``) the batch is sharded along
+``'data'``, parameters are replicated and the queues are sharded along their entries; kNN,
+semantic-positive sampling and enqueue then run their sharded forms (``semppl_jax.knn``,
+``semppl_jax.queue``). Without a mesh the same math runs on one device. Labelled and
+unlabelled images are interleaved per device (each device's labelled rows, then its unlabelled
+rows), so no device sends batch rows to another.
+
+Objectives are data (:data:`OBJECTIVES`): which loss terms run and whether the probe's
+cross-entropy trains the encoder.
+
+* ``semppl``: augmentation contrastive + invariance terms, and the semantic terms with positives
+  drawn from the labelled queues by (pseudo-)label;
+* ``relic``: the same without semantic positives (ReLICv2-style);
+* ``supervised``: encoder + linear head trained by cross-entropy on the labelled images only.
+"""
+import dataclasses
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+
+import einops
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from semppl_jax import augmentations
+from semppl_jax import evaluation
+from semppl_jax import knn
+from semppl_jax import losses
+from semppl_jax import networks
+from semppl_jax import optim
+from semppl_jax import parallel
+from semppl_jax import queue as queue_lib
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed hyper-parameters.
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What one objective trains (hashable: a static argument of the jitted step).
+
+  Attributes:
+    name: 'semppl', 'relic' or 'supervised'.
+    contrastive: run the augmentation contrastive + invariance terms (target network, queues).
+    semantic: draw semantic positives from the queues (needs ``contrastive``).
+    probe_trains_encoder: the labelled cross-entropy reaches the encoder (the supervised
+      baseline); otherwise the probe reads a stop-gradient embedding and only monitors.
+  """
+  name: str
+  contrastive: bool
+  semantic: bool
+  probe_trains_encoder: bool
+
+
+OBJECTIVES: Mapping[str, Objective] = {
+    "semppl": Objective("semppl", contrastive=True, semantic=True, probe_trains_encoder=False),
+    "relic": Objective("relic", contrastive=True, semantic=False, probe_trains_encoder=False),
+    "supervised": Objective("supervised", contrastive=False, semantic=False,
+                            probe_trains_encoder=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+  """Multi-crop views (DESIGN §2 "Views")."""
+  num_large: int = 4
+  num_small: int = 2
+  large_size: int = 224
+  small_size: int = 96
+  large_scale: Tuple[float, float] = (0.08, 1.0)
+  small_scale: Tuple[float, float] = (0.08, 1.0)
+  presets: Tuple[augmentations.ViewPreset, ...] = (augmentations.BYOL_VIEW_1,
+                                                   augmentations.BYOL_VIEW_2)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+  """Encoder and heads; the encoder is ``networks.make_encoder(encoder, ...)``."""
+  encoder: str = "resnet50"
+  width_multiplier: int = 1
+  small_images: bool = False
+  compute_dtype: str = "float32"
+  projector_hidden_size: int = 4096
+  projection_size: int = 256
+  predictor_hidden_size: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Pseudo-labels, semantic positives and the loss weights (DESIGN §2)."""
+  knn_k: int = 1
+  num_semantic_positives: int = 3
+  temperature: float = 0.2
+  contrastive_weight: float = 0.3
+  semantic_weight: float = 0.2
+  invariance_weight: float = 5.0
+  num_negatives: int = 0  # 0: every other image of the global batch.
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """LARS for the online network, Adam for the probe, the target EMA schedule."""
+  base_learning_rate: float = 0.3
+  weight_decay: float = 1e-6
+  momentum: float = 0.9
+  trust_coefficient: float = 1e-3
+  warmup_steps: int = 0
+  probe_learning_rate: float = 1e-3
+  target_base_decay: float = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every hyper-parameter of :func:`train_step` (frozen and hashable).
+
+  Attributes:
+    objective: 'semppl', 'relic' or 'supervised' (see :data:`OBJECTIVES`).
+    num_classes: C.
+    labelled_batch_size: B_l, global labelled images per step.
+    unlabelled_batch_size: B_u, global unlabelled images per step.
+    queue_size: Q, entries per labelled-embedding queue (one queue per large view).
+    training_steps: K, the length of the learning-rate and target-decay schedules.
+    num_shards: n, the data-parallel blocks the batch and the queues are laid out in (the
+      mesh's 'data' size). It fixes the row order (each block's labelled rows, then its
+      unlabelled rows), so a run on n devices and a run on one device with ``num_shards=n``
+      compute the same thing.
+  """
+  objective: str
+  num_classes: int
+  labelled_batch_size: int
+  unlabelled_batch_size: int
+  queue_size: int
+  training_steps: int
+  num_shards: int = 1
+  views: ViewConfig = ViewConfig()
+  network: NetworkConfig = NetworkConfig()
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+
+  def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"objective: got {self.objective!r}, allowed: {', '.join(OBJECTIVES)}.")
+    for name in ("labelled_batch_size", "unlabelled_batch_size", "queue_size"):
+      if getattr(self, name) % self.num_shards:
+        raise ValueError(f"{name}: {getattr(self, name)} is not divisible by num_shards="
+                         f"{self.num_shards}.")
+
+  @property
+  def batch_size(self) -> int:
+    return self.labelled_batch_size + self.unlabelled_batch_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks and optimisers.
+# ----------------------------------------------------------------------------------------------
+
+class Networks(NamedTuple):
+  """The transformed Haiku functions of pre-training.
+
+  The encoder sits at the top level, so its parameter names match the released checkpoints
+  (``res_net50/~/...``); the target's names are a subset of the online ones (no predictor).
+  """
+  online: hk.TransformedWithState   # images, is_training -> (embedding, projection, prediction)
+  target: hk.TransformedWithState   # images, is_training -> projection
+  probe: hk.Transformed             # embedding -> logits
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """'float32' / 'bfloat16' -> the jnp dtype."""
+  return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+def encoder_fn(network: NetworkConfig):
+  """``images, is_training -> embedding`` (to be called inside a Haiku transform)."""
+  return networks.make_encoder(network.encoder, width_multiplier=network.width_multiplier,
+                               small_images=network.small_images,
+                               compute_dtype=compute_dtype(network.compute_dtype))
+
+
+def build_networks(network: NetworkConfig, num_classes: int) -> Networks:
+  """Online, target and probe functions for ``network`` and ``num_classes`` classes."""
+
+  def encoder_and_projector(images, is_training):
+    embedding = encoder_fn(network)(images, is_training)
+    projection = networks.MLP(network.projector_hidden_size, network.projection_size,
+                              name="projector")(embedding, is_training)
+    return embedding, projection
+
+  def online_fn(images, is_training):
+    embedding, projection = encoder_and_projector(images, is_training)
+    prediction = networks.MLP(network.predictor_hidden_size, network.projection_size,
+                              name="predictor")(projection, is_training)
+    return embedding, projection, prediction
+
+  def target_fn(images, is_training):
+    return encoder_and_projector(images, is_training)[1]
+
+  return Networks(hk.transform_with_state(online_fn), hk.transform_with_state(target_fn),
+                  evaluation.linear_head(num_classes, name="classifier"))
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+  """Warm-up + cosine schedule of the online network (``base * B / 256`` at the peak)."""
+  return optim.learning_rate_schedule(
+      base_learning_rate=config.optim.base_learning_rate, batch_size=config.batch_size,
+      total_steps=config.training_steps, warmup_steps=config.optim.warmup_steps)
+
+
+def online_optimizer(config: TrainConfig, online_params: PyTree) -> optax.GradientTransformation:
+  """LARS (bias / BatchNorm excluded) on the schedule; ``online_params`` gives the masks."""
+  o = config.optim
+  return optim.lars(learning_rate_schedule(config), online_params,
+                    weight_decay=o.weight_decay, momentum=o.momentum,
+                    trust_coefficient=o.trust_coefficient)
+
+
+def probe_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """Adam for the online probe."""
+  return optax.adam(config.optim.probe_learning_rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# State.
+# ----------------------------------------------------------------------------------------------
+
+class TrainState(NamedTuple):
+  """Everything a pre-training step reads and writes (a pytree).
+
+  Attributes:
+    step: int32 [], the number of steps taken (drives both schedules).
+    online_params / online_state: Haiku params / BatchNorm state of encoder, projector,
+      predictor.
+    target_params / target_state: the EMA target (encoder + projector).
+    opt_state: LARS state of the online parameters.
+    probe_params / probe_opt_state: the linear probe ``classifier`` and its Adam state.
+    queue: the ``L`` labelled-embedding queues ``[L, Q, D]``.
+  """
+  step: jax.Array
+  online_params: PyTree
+  online_state: PyTree
+  target_params: PyTree
+  target_state: PyTree
+  opt_state: PyTree
+  probe_params: PyTree
+  probe_opt_state: PyTree
+  queue: queue_lib.Queue
+
+  def to_dict(self) -> Dict[str, Any]:
+    """A nested dict (what checkpoints store)."""
+    return dict(self._asdict(), queue=self.queue._asdict())
+
+  @classmethod
+  def from_dict(cls, tree: Mapping[str, Any]) -> "TrainState":
+    """Inverse of :meth:`to_dict`."""
+    fields = dict(tree)
+    fields["queue"] = queue_lib.Queue(**fields["queue"])
+    return cls(**fields)
+
+
+def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> Dict[str, Any]:
+  """The modules of ``tree`` that also exist in ``like`` (online -> target parameters)."""
+  return {k: tree[k] for k in like}
+
+
+def init_train_state(config: TrainConfig, key: jax.Array) -> TrainState:
+  """A fresh state: random online network, the target a copy of it, empty queues.
+
+  Args:
+    config: the hyper-parameters.
+    key: a PRNG key.
+
+  Returns:
+    A :class:`TrainState` of unplaced arrays (place it with :func:`train_state_shardings`).
+  """
+  nets = build_networks(config.network, config.num_classes)
+  size = config.views.large_size
+  dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+  k_online, k_probe = jax.random.split(key)
+  # Jitted: an eager ResNet-50 initialisation runs op by op.
+  online_params, online_state = jax.jit(lambda k, x: nets.online.init(k, x, True))(
+      k_online, dummy)
+  target_shape = jax.eval_shape(lambda k, x: nets.target.init(k, x, True), k_online, dummy)
+  # Copies, not views: the train step donates the state, and donated buffers must be distinct.
+  copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)
+  target_params = copy(_subset(online_params, target_shape[0]))
+  target_state = copy(_subset(online_state, target_shape[1]))
+  width = networks.embedding_size(config.network.encoder, config.network.width_multiplier)
+  probe_params = nets.probe.init(k_probe, jnp.zeros((1, width), jnp.float32))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      online_params=online_params, online_state=online_state,
+      target_params=target_params, target_state=target_state,
+      opt_state=online_optimizer(config, online_params).init(online_params),
+      probe_params=probe_params,
+      probe_opt_state=probe_optimizer(config).init(probe_params),
+      queue=queue_lib.init(config.views.num_large, config.queue_size,
+                           config.network.projection_size))
+
+
+def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+  """Where each leaf lives: replicated, except the queues, sharded along their entries."""
+  replicated = parallel.replicated_sharding(mesh)
+  shardings = jax.tree_util.tree_map(lambda _: replicated, state)
+  return shardings._replace(queue=queue_lib.Queue(
+      embeddings=NamedSharding(mesh, P(None, parallel.DATA_AXIS, None)),
+      labels=NamedSharding(mesh, P(None, parallel.DATA_AXIS)),
+      position=replicated))
+
+
+# ----------------------------------------------------------------------------------------------
+# The step.
+# ----------------------------------------------------------------------------------------------
+
+def _interleave(labelled: jax.Array, unlabelled: jax.Array, num_shards: int) -> jax.Array:
+  """``[B_l, ...]`` and ``[B_u, ...]`` -> ``[B_l + B_u, ...]``, each shard's labelled rows first.
+
+  With both inputs sharded along ``'data'`` into ``num_shards`` blocks, block ``d`` of the
+  result holds block ``d`` of each input: no row moves between devices.
+  """
+  a = einops.rearrange(labelled, "(n b) ... -> n b ...", n=num_shards)
+  b = einops.rearrange(unlabelled, "(n b) ... -> n b ...", n=num_shards)
+  return einops.rearrange(jnp.concatenate([a, b], axis=1), "n b ... -> (n b) ...")
+
+
+def labelled_rows(config: TrainConfig, num_shards: int) -> jax.Array:
+  """int32 [B_l]: the rows of the interleaved batch that hold labelled images."""
+  rows = jnp.arange(config.batch_size).reshape(num_shards, -1)
+  return rows[:, : config.labelled_batch_size // num_shards].reshape(-1)
+
+
+def make_views(config: TrainConfig, batch: Mapping[str, jax.Array], key: jax.Array,
+               num_shards: int) -> Tuple[jax.Array, jax.Array]:
+  """All views of the interleaved batch, float32 in [0, 1].
+
+  ``batch`` carries either whole images (``labelled_images`` / ``unlabelled_images``
+  ``[B, H, W, C]``: crops, flips and photometric changes on device) or views cropped on the
+  host from the full image (``labelled_large`` ``[B_l, L, h, h, 3]``, ``labelled_small``
+  ``[B_l, S, s, s, 3]`` and the ``unlabelled_*`` counterparts: flips and photometric changes on
+  device).
+
+  Returns:
+    ``(large [L, B, h, h, 3], small [S, B, s, s, 3])``.
+  """
+  v = config.views
+  if "labelled_images" in batch:
+    images = evaluation.preprocess(
+        _interleave(batch["labelled_images"], batch["unlabelled_images"], num_shards))
+    return augmentations.multi_crop(
+        images, key, num_large=v.num_large, num_small=v.num_small, large_size=v.large_size,
+        small_size=v.small_size, large_scale=v.large_scale, small_scale=v.small_scale,
+        presets=v.presets)
+  views = []
+  for group, size_name in enumerate(("large", "small")):
+    x = _interleave(batch[f"labelled_{size_name}"], batch[f"unlabelled_{size_name}"], num_shards)
+    x = einops.rearrange(x, "b v h w c -> v b h w c")
+    views.append(augmentations.photometric_views(x, jax.random.fold_in(key, group),
+                                                 presets=v.presets))
+  return views[0], views[1]
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(values.astype(jnp.float32) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class _Forward(NamedTuple):
+  """What the loss function hands back besides the loss."""
+  metrics: Dict[str, jax.Array]
+  online_state: PyTree
+  target_state: Optional[PyTree]
+  target_projections: Optional[jax.Array]   # [L, B, D], l2-normalised
+  labels: jax.Array                         # [B] true labels (hidden for unlabelled rows)
+
+
+def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyTree,
+                   target_params: PyTree, state: TrainState, batch: Mapping[str, jax.Array],
+                   key: jax.Array) -> Tuple[jax.Array, _Forward]:
+  """The step's loss (objective + probe cross-entropy) and everything else it computes.
+
+  Differentiable in ``online_params`` and ``probe_params``; ``target_params`` enter through a
+  stop-gradient (the test suite checks that no gradient reaches them).
+
+  Args:
+    config: the hyper-parameters.
+    online_params / probe_params / target_params: the parameters in play.
+    state: the rest of the train state (BatchNorm states, queues).
+    batch: the global batch (see :func:`make_views`), plus ``labels`` int32 [B_l] and
+      ``unlabelled_labels`` int32 [B_u] (hidden truth, read only by monitors).
+    key: this step's PRNG key.
+
+  Returns:
+    ``(loss float32 [], _Forward)``.
+  """
+  objective = OBJECTIVES[config.objective]
+  nets = build_networks(config.network, config.num_classes)
+  n = config.num_shards
+  L, S, B = config.views.num_large, config.views.num_small, config.batch_size
+  k_views, k_sem, k_neg = jax.random.split(key, 3)
+  large, small = make_views(config, batch, k_views, n)
+  true_labels = _interleave(batch["labels"], batch["unlabelled_labels"], n)
+  lab_rows = labelled_rows(config, n)
+  is_labelled = jnp.zeros((B,), bool).at[lab_rows].set(True)
+  # Views flattened to one batch per size: one network call each, BatchNorm over all of them.
+  flat = lambda x: augmentations.normalize(einops.rearrange(x, "v b ... -> (v b) ..."))
+
+  (emb_l, _, pred_l), online_state = nets.online.apply(
+      online_params, state.online_state, None, flat(large), True)
+  emb_l = einops.rearrange(emb_l, "(v b) f -> v b f", v=L)
+
+  # The probe reads a stop-gradient embedding, so it monitors the representation without
+  # shaping it -- except in the supervised baseline, where its cross-entropy is the objective.
+  probe_in = einops.rearrange(emb_l[:, lab_rows], "v b f -> (v b) f")
+  if not objective.probe_trains_encoder:
+    probe_in = jax.lax.stop_gradient(probe_in)
+  probe_labels = jnp.tile(true_labels[lab_rows], L)
+  probe_ce, probe_logits = evaluation.classifier_loss(nets.probe, probe_params, probe_in,
+                                                      probe_labels)
+  metrics = {"probe_loss": probe_ce,
+             "probe_train_top1": jnp.mean(jnp.argmax(probe_logits, -1) == probe_labels)}
+  if not objective.contrastive:
+    return probe_ce, _Forward(metrics, online_state, None, None, true_labels)
+
+  predictions = pred_l
+  if S:
+    (_, _, pred_s), online_state = nets.online.apply(
+        online_params, online_state, None, flat(small), True)
+    predictions = jnp.concatenate([pred_l, pred_s], axis=0)
+  online = losses.l2_normalize(einops.rearrange(predictions, "(v b) d -> v b d", b=B))
+
+  target_proj, target_state = nets.target.apply(
+      target_params, state.target_state, None, flat(large), True)
+  target_proj = jax.lax.stop_gradient(
+      losses.l2_normalize(einops.rearrange(target_proj, "(v b) d -> v b d", v=L)))
+
+  # Pseudo-labels from the queues as they were before this step's enqueue.
+  pseudo = knn.pseudo_labels(jax.lax.stop_gradient(online[:L]), state.queue,
+                             k=config.loss.knn_k, num_classes=config.num_classes)
+  labels_star = jnp.where(is_labelled, true_labels, pseudo)
+  N = config.loss.num_semantic_positives
+  if objective.semantic:
+    semantic, valid = knn.sample_semantic_positives(k_sem, labels_star, state.queue, N)
+  else:  # No semantic positives: all-invalid masks make both semantic terms exactly zero.
+    semantic = jnp.zeros((L, N, B, online.shape[-1]), online.dtype)
+    valid = jnp.zeros((L, N, B), bool)
+  lc = config.loss
+  loss, loss_metrics = losses.semppl_loss(
+      online, target_proj, semantic, valid, temperature=lc.temperature,
+      contrastive_weight=lc.contrastive_weight, semantic_weight=lc.semantic_weight,
+      invariance_weight=lc.invariance_weight, num_negatives=lc.num_negatives or None,
+      key=k_neg if lc.num_negatives else None)
+  metrics.update(loss_metrics)
+  metrics["loss"] = loss + probe_ce
+
+  # Monitors. The hidden labels of unlabelled images are read here and nowhere else.
+  unlabelled = ~is_labelled
+  metrics["pseudo_label_accuracy"] = _masked_mean(pseudo == true_labels,
+                                                  unlabelled & (pseudo >= 0))
+  metrics["pseudo_label_coverage"] = _masked_mean(pseudo >= 0, unlabelled)
+  if objective.semantic:
+    # Drawn positives carry label y*_i by construction: pure exactly where y*_i is right.
+    correct = jnp.broadcast_to(labels_star == true_labels, valid.shape)
+    metrics["semantic_positive_purity"] = _masked_mean(correct, valid)
+  metrics["queue_fill"] = queue_lib.fill_fraction(state.queue)
+  return loss + probe_ce, _Forward(metrics, online_state, target_state, target_proj,
+                                   true_labels)
+
+
+def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.Array],
+               key: jax.Array) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One SemPPL update (DESIGN §2): loss, LARS + probe updates, target EMA, enqueue.
+
+  Jit it with ``config`` static (``jax.jit(train_step, static_argnums=0)`` or a
+  ``functools.partial``); inside ``jax.set_mesh(mesh)`` it runs sharded (module docstring).
+
+  Args:
+    config: the hyper-parameters.
+    state: the current :class:`TrainState` (its ``step`` drives the schedules).
+    batch: the global batch (see :func:`objective_loss`).
+    key: this step's PRNG key (callers use ``fold_in(root, step)``).
+
+  Returns:
+    ``(new_state, metrics)``: metrics are float32 [] device scalars ('loss', the loss terms,
+    probe and pseudo-label monitors, 'learning_rate', 'ema_decay'); nothing is fetched.
+  """
+  objective = OBJECTIVES[config.objective]
+  grad_fn = jax.value_and_grad(objective_loss, argnums=(1, 2), has_aux=True)
+  (loss, fwd), (grads, probe_grads) = grad_fn(
+      config, state.online_params, state.probe_params, state.target_params, state, batch, key)
+  updates, opt_state = online_optimizer(config, state.online_params).update(
+      grads, state.opt_state, state.online_params)
+  online_params = optax.apply_updates(state.online_params, updates)
+  probe_updates, probe_opt_state = probe_optimizer(config).update(
+      probe_grads, state.probe_opt_state, state.probe_params)
+  metrics = dict(fwd.metrics, loss=loss,
+                 learning_rate=learning_rate_schedule(config)(state.step),
+                 grad_norm=optax.tree.norm(grads))
+  new_state = state._replace(
+      step=state.step + 1, online_params=online_params, online_state=fwd.online_state,
+      opt_state=opt_state, probe_params=optax.apply_updates(state.probe_params, probe_updates),
+      probe_opt_state=probe_opt_state)
+  if objective.contrastive:
+    decay = optim.target_ema_decay(state.step, base_decay=config.optim.target_base_decay,
+                                   total_steps=config.training_steps)
+    rows = labelled_rows(config, config.num_shards)
+    new_queue = queue_lib.enqueue(state.queue, fwd.target_projections[:, rows],
+                                  fwd.labels[rows], num_shards=config.num_shards)
+    new_state = new_state._replace(
+        target_params=optim.target_ema(_subset(online_params, state.target_params),
+                                       state.target_params, decay),
+        target_state=fwd.target_state, queue=new_queue)
+    metrics["ema_decay"] = decay
+  return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}

@@ -1,0 +1,228 @@
+"""Tests for semppl_jax.train: the pure SemPPL step on tiny shapes, in process.
+
+One tiny configuration (tiny ResNet, 12 px / 8 px views of 16 px images, batch 8 + 8, a 64-entry
+queue) is shared by every test; the step is compiled once per objective and layout.
+"""
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semppl_jax import augmentations
+from semppl_jax import evaluation
+from semppl_jax import knn
+from semppl_jax import losses
+from semppl_jax import parallel
+from semppl_jax import queue as queue_lib
+from semppl_jax import train
+
+NUM_CLASSES = 4
+SHARDS = 8
+
+
+def _config(objective="semppl", **loss):
+  return train.TrainConfig(
+      objective=objective, num_classes=NUM_CLASSES, labelled_batch_size=8,
+      unlabelled_batch_size=8, queue_size=64, training_steps=10, num_shards=SHARDS,
+      views=train.ViewConfig(num_large=2, num_small=1, large_size=12, small_size=8,
+                             large_scale=(0.5, 1.0), small_scale=(0.3, 0.6)),
+      network=train.NetworkConfig(encoder="tiny_resnet", small_images=True,
+                                  projector_hidden_size=32, projection_size=16,
+                                  predictor_hidden_size=32),
+      loss=train.LossConfig(**loss),
+      optim=train.OptimConfig(base_learning_rate=1.0, warmup_steps=2))
+
+
+def _batch(seed):
+  rng = np.random.RandomState(seed)
+  return {
+      "labelled_images": rng.randint(0, 256, (8, 16, 16, 1)).astype(np.uint8),
+      "labels": rng.randint(0, NUM_CLASSES, (8,)).astype(np.int32),
+      "unlabelled_images": rng.randint(0, 256, (8, 16, 16, 1)).astype(np.uint8),
+      "unlabelled_labels": rng.randint(0, NUM_CLASSES, (8,)).astype(np.int32),
+  }
+
+
+def _filled_queue(config, seed=0):
+  """Queues whose every slot holds a unit vector and a label (every class present)."""
+  rng = np.random.RandomState(seed)
+  L, Q, D = config.views.num_large, config.queue_size, config.network.projection_size
+  emb = rng.randn(L, Q, D).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+  labels = np.tile(np.arange(Q) % NUM_CLASSES, (L, 1)).astype(np.int32)
+  return queue_lib.Queue(jnp.asarray(emb), jnp.asarray(labels), jnp.zeros((), jnp.int32))
+
+
+@pytest.fixture(scope="module")
+def state():
+  return train.init_train_state(_config(), jax.random.PRNGKey(0))
+
+
+def _unit_jit(config):
+  return jax.jit(functools.partial(train.train_step, config))
+
+
+def test_objectives_are_data():
+  assert set(train.OBJECTIVES) == {"semppl", "relic", "supervised"}
+  assert train.OBJECTIVES["semppl"].semantic and train.OBJECTIVES["semppl"].contrastive
+  assert not train.OBJECTIVES["relic"].semantic and train.OBJECTIVES["relic"].contrastive
+  assert train.OBJECTIVES["supervised"].probe_trains_encoder
+  with pytest.raises(ValueError, match="objective: got 'byol'"):
+    _config("byol")
+  with pytest.raises(ValueError, match="labelled_batch_size: 8 is not divisible by num_shards=3"):
+    dataclasses.replace(_config(), num_shards=3)
+
+
+def test_config_is_frozen_and_hashable():
+  config = _config()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.objective = "relic"  # type: ignore[misc]
+  assert hash(config) == hash(_config())
+
+
+def _hand_assembled_loss(config, state, batch, key):
+  """The objective rebuilt from the public pieces (views, networks, contrastive_loss,
+  invariance_loss), independently of semppl_loss's batched loops."""
+  nets = train.build_networks(config.network, NUM_CLASSES)
+  k_views, k_sem, _ = jax.random.split(key, 3)
+  large, small = train.make_views(config, batch, k_views, SHARDS)
+  labels = train._interleave(batch["labels"], batch["unlabelled_labels"], SHARDS)  # pylint: disable=protected-access
+  rows = train.labelled_rows(config, SHARDS)
+  flat = lambda x: augmentations.normalize(x.reshape((-1,) + x.shape[2:]))
+  (emb_l, _, pred_l), st = nets.online.apply(state.online_params, state.online_state, None,
+                                             flat(large), True)
+  (_, _, pred_s), _ = nets.online.apply(state.online_params, st, None, flat(small), True)
+  L, B = 2, 16
+  online = np.concatenate([np.asarray(pred_l).reshape(L, B, -1),
+                           np.asarray(pred_s).reshape(1, B, -1)])
+  online = np.asarray(losses.l2_normalize(jnp.asarray(online)))
+  target, _ = nets.target.apply(state.target_params, state.target_state, None, flat(large), True)
+  target = np.asarray(losses.l2_normalize(target)).reshape(L, B, -1)
+  probe_in = np.asarray(emb_l).reshape(L, B, -1)[:, rows].reshape(L * 8, -1)
+  probe_ce, _ = evaluation.classifier_loss(nets.probe, state.probe_params, probe_in,
+                                           np.tile(labels[rows], L))
+
+  def terms(candidate_sets):
+    ce, inv = [], []
+    for cands in candidate_sets:
+      per_view = [losses.contrastive_loss(online[a], cands, temperature=0.2) for a in range(3)]
+      ce += [float(jnp.mean(c)) for c, _ in per_view]
+      inv.append(np.mean([float(jnp.mean(losses.invariance_loss(per_view[a][1],
+                                                                 per_view[b][1])))
+                          for a in range(3) for b in range(3) if a != b]))
+    return np.mean(ce), np.mean(inv)
+
+  l_augm, i_augm = terms([target[l] for l in range(L)])
+  total = 0.3 * l_augm + 5.0 * i_augm + float(probe_ce)
+  if config.objective == "semppl":
+    pseudo = knn.pseudo_labels(jnp.asarray(online[:L]), state.queue, k=1,
+                               num_classes=NUM_CLASSES)
+    is_labelled = np.zeros(B, bool)
+    is_labelled[np.asarray(rows)] = True
+    y_star = np.where(is_labelled, labels, np.asarray(pseudo))
+    semantic, valid = knn.sample_semantic_positives(k_sem, jnp.asarray(y_star), state.queue, 3)
+    assert np.all(np.asarray(valid))  # Every class is in the queue: no masking to mirror.
+    l_sem, i_sem = terms([np.asarray(semantic)[l, s] for l in range(L) for s in range(3)])
+    total += 0.3 * 0.2 * l_sem + 5.0 * i_sem
+  return total
+
+
+@pytest.mark.parametrize("objective", ["relic", "semppl"])
+def test_loss_equals_hand_assembled_sum_of_terms(state, objective):
+  config = _config(objective)
+  state = state._replace(queue=_filled_queue(config))
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
+  key = jax.random.PRNGKey(7)
+  loss, fwd = train.objective_loss(config, state.online_params, state.probe_params,
+                                   state.target_params, state, batch, key)
+  expected = _hand_assembled_loss(config, state, batch, key)
+  np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+  assert float(fwd.metrics["loss"]) == float(loss)
+
+
+def _grads(config, state, batch):
+  fn = jax.grad(lambda o, p, t: train.objective_loss(config, o, p, t, state, batch,
+                                                     jax.random.PRNGKey(3))[0],
+                argnums=(0, 1, 2))
+  return fn(state.online_params, state.probe_params, state.target_params)
+
+
+def _norm(tree):
+  return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def test_gradients_reach_online_and_probe_never_target(state):
+  config = _config("semppl")
+  state = state._replace(queue=_filled_queue(config))
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(2))
+  online, probe, target = _grads(config, state, batch)
+  assert _norm(online) > 0 and _norm(probe) > 0
+  assert _norm(target) == 0.0
+
+
+@pytest.mark.parametrize("objective, encoder_learns_from_probe", [("semppl", False),
+                                                                   ("supervised", True)])
+def test_probe_shapes_the_encoder_only_in_the_supervised_baseline(state, objective,
+                                                                  encoder_learns_from_probe):
+  # Loss weights 0: the probe's cross-entropy is the only term left.
+  config = _config(objective, contrastive_weight=0.0, invariance_weight=0.0)
+  online, probe, _ = _grads(config, state, jax.tree_util.tree_map(jnp.asarray, _batch(3)))
+  encoder = {m: v for m, v in online.items() if not m.startswith(("projector", "predictor"))}
+  assert _norm(probe) > 0
+  assert (_norm(encoder) > 0) == encoder_learns_from_probe
+
+
+def test_step_traces_once_and_updates_what_each_objective_owns(state):
+  config = _config("relic")
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(state, batch, key):
+    return train.train_step(config, state, batch, key)
+
+  s = jax.tree_util.tree_map(jnp.copy, state)
+  for i in range(3):
+    s, metrics = step(s, jax.tree_util.tree_map(jnp.asarray, _batch(10 + i)),
+                      jax.random.PRNGKey(i))
+  assert int(s.step) == 3
+  assert float(metrics["semantic_contrastive"]) == 0.0
+  # Three steps of 8 labelled items in each of the 2 queues.
+  assert int(jnp.sum(s.queue.labels >= 0)) == 2 * 24
+  assert not np.allclose(np.asarray(s.target_params["projector/linear"]["w"]),
+                         np.asarray(state.target_params["projector/linear"]["w"]))
+
+  sup = train.train_step(_config("supervised"), state,
+                         jax.tree_util.tree_map(jnp.asarray, _batch(10)), jax.random.PRNGKey(0))[0]
+  chex.assert_trees_all_equal(sup.queue, state.queue)
+  chex.assert_trees_all_equal(sup.target_params, state.target_params)
+
+
+def test_sharded_step_equals_unsharded(state):
+  """8 fake devices vs one, same layout (num_shards=8). BatchNorm means are sums over the
+  batch that XLA adds in another order when the batch is split over devices, so the two agree
+  to float32 rounding (1e-5 after two steps), not bit for bit."""
+  config = _config("semppl")
+  mesh = parallel.make_mesh(jax.devices()[:SHARDS])
+  shardings = train.train_state_shardings(state, mesh)
+  sharded_step = jax.jit(functools.partial(train.train_step, config),
+                         in_shardings=(shardings, parallel.data_sharding(mesh), None),
+                         out_shardings=(shardings, None))
+  plain_step = _unit_jit(config)
+  a = jax.device_put(jax.tree_util.tree_map(jnp.copy, state), shardings)
+  b = jax.tree_util.tree_map(jnp.copy, state)
+  for i in range(2):
+    batch = _batch(20 + i)
+    with jax.set_mesh(mesh):
+      a, metrics_a = sharded_step(a, parallel.host_local_to_global(batch, mesh),
+                                  jax.random.PRNGKey(i))
+    b, metrics_b = plain_step(b, jax.tree_util.tree_map(jnp.asarray, batch),
+                              jax.random.PRNGKey(i))
+  assert a.queue.embeddings.sharding.spec == jax.sharding.PartitionSpec(None, "data", None)
+  chex.assert_trees_all_close(jax.device_get(a), jax.device_get(b), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(a.queue.labels), np.asarray(b.queue.labels))
+  for k in metrics_a:
+    np.testing.assert_allclose(float(metrics_a[k]), float(metrics_b[k]), atol=1e-5, err_msg=k)
