@@ -26,7 +26,10 @@ if [[ $# -lt 4 ]]; then
 fi
 TPU_NAME=$1 ZONE=$2 SPLIT=$3 BUCKET=${4%/}
 shift 4
-case "${SPLIT}" in 1pct|10pct) ;; *) echo "split must be 1pct or 10pct, got ${SPLIT}" >&2; exit 2;; esac
+case "${SPLIT}" in
+  1pct|10pct) ;;
+  *) echo "split must be 1pct or 10pct, got ${SPLIT}" >&2; exit 2;;
+esac
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 
 # 1. The checkout on every worker (same code everywhere; no git access needed on the VMs).
@@ -47,5 +50,6 @@ gcloud compute tpus tpu-vm ssh "${TPU_NAME}" --zone="${ZONE}" --worker=all --com
     --config.checkpoint_dir=${BUCKET}/runs/imagenet_r50_${SPLIT} $* \
     > ~/semppl_${SPLIT}.log 2>&1 &"
 echo "Started. Progress (printed by worker 0):"
-echo "  gcloud compute tpus tpu-vm ssh ${TPU_NAME} --zone=${ZONE} --worker=0 --command='tail -f ~/semppl_${SPLIT}.log'"
+echo "  gcloud compute tpus tpu-vm ssh ${TPU_NAME} --zone=${ZONE} --worker=0 \\"
+echo "      --command='tail -f ~/semppl_${SPLIT}.log'"
 echo "  tensorboard --logdir=${BUCKET}/runs/imagenet_r50_${SPLIT}"
