@@ -20,21 +20,18 @@ Complete config: ``experiments/eval_fashion_mnist.py``.
 """
 from typing import Any, Dict, Mapping
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
-import optax
 
-from semppl_jax import augmentations
 from semppl_jax import checkpointing
 from semppl_jax import config_rules as rules
 from semppl_jax import encoder_sources
 from semppl_jax import evaluation
 from semppl_jax import experiment as pretrain
+from semppl_jax import finetune
 from semppl_jax import mesh_experiment
 from semppl_jax import networks
-from semppl_jax import optim
 from semppl_jax import parallel
 from semppl_jax import train
 from semppl_jax.data_source import DataSource, Views
@@ -119,11 +116,10 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     self._PROGRESS_PREFIX = config.protocol  # pylint: disable=invalid-name
     init_key, self._root_key = jax.random.split(jnp.asarray(init_rng))
     n = config.network
-    network = train.NetworkConfig(encoder=n.encoder, width_multiplier=n.width_multiplier,
-                                  small_images=n.small_images, compute_dtype=n.compute_dtype)
-    self._encoder = hk.transform_with_state(
-        lambda images, is_training: train.encoder_fn(network)(images, is_training))
-    self._head = evaluation.linear_head(config.data.num_classes)
+    self._network = train.NetworkConfig(
+        encoder=n.encoder, width_multiplier=n.width_multiplier, small_images=n.small_images,
+        compute_dtype=n.compute_dtype)
+    self._encoder = finetune.encoder(self._network)
     a = config.augmentation
     self._data = DataSource(self._data_source_config(), _without_max_examples(config.evaluation),
                             Views(num_large=1, large_size=a.crop_size,
@@ -189,85 +185,35 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
       return jax.jit(init, in_shardings=(replicated, parallel.data_sharding(self._mesh)),
                      out_shardings=replicated)(key, images)
 
-  def _schedules(self) -> Dict[str, optax.Schedule]:
-    """Warm-up + cosine learning rates of what trains: the head, and the encoder (fine_tune)."""
-    o, c = self.config.optimizer, self.config
-    names = {"fine_tune": ("head", "encoder"), "linear": ("head",)}.get(self._protocol, ())
-    return {name: optim.learning_rate_schedule(
-        base_learning_rate=o[f"{name}_base_learning_rate"], batch_size=c.data.batch_size,
-        total_steps=max(c.training_steps, 1), warmup_steps=o.warmup_steps) for name in names}
-
-  def _optimizers(self) -> Dict[str, optax.GradientTransformation]:
-    o = self.config.optimizer
-    # Weight decay on weights only (not biases / BatchNorm), as in pre-training.
-    return {name: optax.chain(optax.add_decayed_weights(o.weight_decay, mask=optim.lars_mask),
-                              optax.sgd(schedule, momentum=o.momentum or None,
-                                        nesterov=o.nesterov and o.momentum > 0))
-            for name, schedule in self._schedules().items()}
+  def _finetune_config(self) -> finetune.FineTuneConfig:
+    c, a, o = self.config, self.config.augmentation, self.config.optimizer
+    return finetune.FineTuneConfig(
+        protocol=c.protocol, num_classes=c.data.num_classes, network=self._network,
+        batch_size=c.data.batch_size, training_steps=c.training_steps, crop_size=a.crop_size,
+        crop_scale=tuple(a.crop_scale), flip=a.flip,
+        host_crops=c.data.dataset != "fashion_mnist",
+        encoder_base_learning_rate=o.encoder_base_learning_rate,
+        head_base_learning_rate=o.head_base_learning_rate, momentum=o.momentum,
+        nesterov=o.nesterov, weight_decay=o.weight_decay, warmup_steps=o.warmup_steps)
 
   def _init_state(self, key: jax.Array) -> Dict[str, Any]:
-    c = self.config
     k_encoder, k_head = jax.random.split(key)
-    size = c.augmentation.crop_size
+    size = self.config.augmentation.crop_size
     dummy = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     expected = jax.eval_shape(lambda k, x: self._encoder.init(k, x, True), k_encoder, dummy)
     params, state = self._load_encoder(k_encoder, *expected)
-    train_state = {"encoder_params": params, "encoder_state": state}
-    if self._protocol != "knn":
-      width = networks.embedding_size(c.network.encoder, c.network.width_multiplier)
-      head_params = self._head.init(k_head, jnp.zeros((1, width), jnp.float32))
-      trainable = {"head": head_params, "encoder": params}
-      train_state["head_params"] = head_params
-      train_state["opt_state"] = {name: tx.init(trainable[name])
-                                  for name, tx in self._optimizers().items()}
-    return train_state
+    if self._protocol == "knn":
+      return {"encoder_params": params, "encoder_state": state}
+    return finetune.init_state(self._finetune_config(), params, state, k_head)
 
   # --- training ------------------------------------------------------------------------------
 
   def _make_train_step(self):
-    a = self.config.augmentation
-    p = self._protocol
-    fine_tune = p == "fine_tune"
-    optimizers, schedules = self._optimizers(), self._schedules()
-    host_crops = self.config.data.dataset != "fashion_mnist"
+    config = self._finetune_config()
 
     def train_step(state, images, labels, step):
-      k_crop, k_flip = jax.random.split(jax.random.fold_in(self._root_key, step))
-      x = evaluation.preprocess(images)
-      if host_crops is False:  # Whole images: crop on device (host pipelines crop already).
-        x = augmentations.random_resized_crop(x, k_crop, output_size=a.crop_size,
-                                              scale=tuple(a.crop_scale))
-      x = augmentations.normalize(augmentations.random_flip(x, k_flip) if a.flip else x)
-
-      def loss_fn(trainable):
-        if fine_tune:
-          embedding, encoder_state = self._encoder.apply(
-              trainable["encoder"], state["encoder_state"], None, x, True)
-        else:  # Frozen: inference-mode BatchNorm, state untouched, no gradient.
-          embedding = jax.lax.stop_gradient(self._encoder.apply(
-              state["encoder_params"], state["encoder_state"], None, x, False)[0])
-          encoder_state = state["encoder_state"]
-        loss, logits = evaluation.classifier_loss(self._head, trainable["head"], embedding,
-                                                  labels)
-        return loss, (encoder_state, logits)
-
-      trainable = {"head": state["head_params"]}
-      if fine_tune:
-        trainable["encoder"] = state["encoder_params"]
-      (loss, (encoder_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          trainable)
-      new_state = dict(state, opt_state=dict(state["opt_state"]))
-      for name, tx in optimizers.items():
-        updates, new_state["opt_state"][name] = tx.update(
-            grads[name], state["opt_state"][name], trainable[name])
-        trainable[name] = optax.apply_updates(trainable[name], updates)
-      new_state["head_params"] = trainable["head"]
-      if fine_tune:
-        new_state.update(encoder_params=trainable["encoder"], encoder_state=encoder_state)
-      metrics = {f"{p}_loss": loss, f"{p}_train_top1": jnp.mean(jnp.argmax(logits, -1) == labels)}
-      metrics.update({f"{p}_{name}_learning_rate": schedule(step)
-                      for name, schedule in schedules.items()})
-      return new_state, metrics
+      return finetune.train_step(config, state, images, labels,
+                                 jax.random.fold_in(self._root_key, step), step)
 
     replicated = parallel.replicated_sharding(self._mesh)
     data = parallel.data_sharding(self._mesh)
@@ -310,11 +256,12 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     if self._embed is None:
       with_head = self._protocol != "knn"
       size = self.config.augmentation.crop_size
+      head = evaluation.linear_head(self.config.data.num_classes)
 
       def embed(encoder_params, encoder_state, head_params, images):
         embedding, _ = self._encoder.apply(encoder_params, encoder_state, None,
                                            evaluation.eval_view(images, size), False)
-        logits = (self._head.apply(head_params, None, embedding) if with_head
+        logits = (head.apply(head_params, None, embedding) if with_head
                   else embedding[:, :0])
         return embedding, logits
 
