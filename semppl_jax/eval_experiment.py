@@ -128,6 +128,11 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     self._train_state = self._place(self._init_state(init_key))
     self._train_step = None
     self._embed = None
+    mesh_experiment.say(
+        f"[setup] evaluation | protocol={config.protocol} | {config.data.dataset} "
+        f"{config.data.label_percent}% labels | encoder {config.network.encoder} "
+        f"x{config.network.width_multiplier} from {self._source_info} | "
+        f"{self._mesh.shape['data']} device(s), {jax.process_count()} process(es)")
 
   def _data_source_config(self) -> config_dict.ConfigDict:
     """The DataSource's data config: labelled batches of ``data.batch_size`` images."""
