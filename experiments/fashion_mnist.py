@@ -92,7 +92,14 @@ def get_experiment_config(training_steps):
       target=dict(base_decay=0.99),
       probe=dict(learning_rate=1e-2),
       # max_examples > 0 evaluates on the first examples of the test split and kNN bank only.
-      evaluation=dict(batch_size=1000, knn_ks=(20, 200), knn_temperature=0.07, max_examples=0),
+      evaluation=dict(batch_size=1000, knn_ks=(20, 200), knn_temperature=0.07, max_examples=0,
+                      # Periodic weighted kNN (first of knn_ks) + probe on the first `subset`
+                      # test and labelled images, every `every_steps` steps (0 = off).
+                      every_steps=0, subset=1000),
+      # TensorBoard images every `images_every_steps` steps (0 = off): one image's views, and
+      # `num_images` unlabelled anchors with their semantic positives; `plots`: PNG curves and
+      # a confusion matrix under <checkpoint_dir>/plots at the end of the run.
+      summaries=dict(images_every_steps=0, num_images=8, plots=True),
       log_every_steps=25,
       evaluate_at_end=True,
   ))
@@ -101,6 +108,9 @@ def get_experiment_config(training_steps):
 def get_config():
   """The jaxline launch config."""
   steps = config_dict.FieldReference(1000)
+  c = get_experiment_config(steps)
+  c.evaluation.every_steps = 200   # Measured cost: ~1 % of the demo's training time.
+  c.summaries.images_every_steps = 100
   return launch_config.launch_config(
       experiment_class="pretrain", training_steps=steps, checkpoint_dir="runs/fashion_mnist",
-      experiment_config=get_experiment_config(steps), log_interval=25, save_interval=200)
+      experiment_config=c, log_interval=25, save_interval=200)

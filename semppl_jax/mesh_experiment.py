@@ -91,12 +91,25 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
     values = [m[key] for m in self._recent if key in m]
     return float(np.mean(jax.device_get(values))) if values else float("nan")
 
+  # Hooks of the loop (no-ops here; the pre-training experiment adds periodic evaluation,
+  # image summaries and plots). Called on every process.
+
+  def _begin_run(self, config, start_step: int) -> None:
+    """Before the first step of this launch (``config``: the jaxline config)."""
+
+  def _after_step(self, done: int, writer) -> None:
+    """After step ``done - 1`` and its progress line."""
+
+  def _end_run(self, done: int, writer) -> None:
+    """After the final evaluation."""
+
   def train_loop(self, config, state, periodic_actions, writer=None):
     """jaxline's loop without its pmap: integer steps, a progress line (steps/s, ETA) every
     ``log_every_steps``, evaluation at the end (also when no step is left to run)."""
     start_step = int(state.global_step)
     total = config.training_steps
     log_every = max(1, self.config.log_every_steps)
+    self._begin_run(config, start_step)
     t0 = time.time()
     while self.should_run_step(int(state.global_step), config):
       step = int(state.global_step)
@@ -116,9 +129,11 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
         # The only host fetch of the step's metrics: at the log interval.
         say(f"[{self._PROGRESS_PREFIX}] step {done}/{total} | {speed} | "
             f"{self._progress(jax.device_get(metrics))}")
+      self._after_step(done, writer)
     if self._evaluate_at_end():
       results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)
       if writer is not None and is_main_process():
         writer.write_scalars(int(state.global_step), results)
       if is_main_process():
         self._report(results)
+    self._end_run(int(state.global_step), writer)
