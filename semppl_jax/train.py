@@ -253,16 +253,31 @@ class TrainState(NamedTuple):
   target_state: PyTree
   opt_state: PyTree
   probe_params: PyTree
+    nonfinite_step: int32 [], the non-finite guard (see :func:`guard_nonfinite`): the number
+      (1-based, as in the progress line ``step N/K``) of the first step whose update was
+      refused because something was not finite; -1 while every step was finite. Once set, the
+      state stays as it was before that step.
+    nonfinite_check: int32 [], which check failed first at that step: an index into
+      :func:`nonfinite_check_names` of the step's metric names; -1 while none did.
+
+  The two guard fields are not part of :meth:`to_dict` (nor of checkpoints): a state whose
+  guard is set is never saved, so checkpoints from before and after the guard existed are
+  interchangeable.
   probe_opt_state: PyTree
   queue: queue_lib.Queue
 
   def to_dict(self) -> Dict[str, Any]:
-    """A nested dict (what checkpoints store)."""
-    return dict(self._asdict(), queue=self.queue._asdict())
+    """A nested dict (what checkpoints store), without the guard fields."""
+    tree = dict(self._asdict(), queue=self.queue._asdict())
+    for name in _GUARD_FIELDS:
+      del tree[name]
+    return tree
 
   @classmethod
   def from_dict(cls, tree: Mapping[str, Any]) -> "TrainState":
-    """Inverse of :meth:`to_dict`."""
+    """Inverse of :meth:`to_dict`; the guard fields start cleared (-1) unless ``tree`` has them."""
+  nonfinite_step: jax.Array
+  nonfinite_check: jax.Array
     fields = dict(tree)
     fields["queue"] = queue_lib.Queue(**fields["queue"])
     return cls(**fields)
@@ -273,8 +288,13 @@ def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> Dict[str, Any]:
   return {k: tree[k] for k in like}
 
 
+    for name in _GUARD_FIELDS:
+      fields.setdefault(name, jnp.full((), -1, jnp.int32))
 def init_train_state(config: TrainConfig, key: jax.Array) -> TrainState:
   """A fresh state: random online network, the target a copy of it, empty queues.
+
+_GUARD_FIELDS = ("nonfinite_step", "nonfinite_check")
+
 
   Args:
     config: the hyper-parameters.
@@ -305,7 +325,8 @@ def init_train_state(config: TrainConfig, key: jax.Array) -> TrainState:
       probe_params=probe_params,
       probe_opt_state=probe_optimizer(config).init(probe_params),
       queue=queue_lib.init(config.views.num_large, config.queue_size,
-                           config.network.projection_size))
+                           config.network.projection_size),
+      nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_check=jnp.full((), -1, jnp.int32))
 
 
 def train_state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
@@ -491,7 +512,9 @@ def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.A
 
   Returns:
     ``(new_state, metrics)``: metrics are float32 [] device scalars ('loss', the loss terms,
-    probe and pseudo-label monitors, 'learning_rate', 'ema_decay'); nothing is fetched.
+    probe and pseudo-label monitors, 'learning_rate', 'ema_decay'); nothing is fetched. If a
+    metric or the updated state is not finite, ``new_state`` is ``state`` with its guard set
+    (:func:`guard_nonfinite`); callers check ``nonfinite_step`` when they fetch anyway.
   """
   objective = OBJECTIVES[config.objective]
   grad_fn = jax.value_and_grad(objective_loss, argnums=(1, 2), has_aux=True)
@@ -520,4 +543,67 @@ def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.A
                                        state.target_params, decay),
         target_state=fwd.target_state, queue=new_queue)
     metrics["ema_decay"] = decay
-  return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+  metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+  return guard_nonfinite(state, new_state, metrics), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The non-finite guard.
+# ----------------------------------------------------------------------------------------------
+
+# The state fields the guard checks after the step's metrics, in this order.
+GUARDED_STATE_FIELDS = ("online_params", "online_state", "opt_state", "probe_params",
+                        "probe_opt_state", "target_params", "target_state", "queue")
+_FIRST_CHECKS = ("loss", "grad_norm")
+
+
+def nonfinite_check_names(metric_names) -> Tuple[str, ...]:
+  """The guard's checks in the order they are reported; ``nonfinite_check`` indexes this.
+
+  Args:
+    metric_names: the keys of the step's metrics dict.
+
+  Returns:
+    'loss' and 'grad_norm' (when present), the other metric names sorted, then
+    :data:`GUARDED_STATE_FIELDS` (the updated state).
+  """
+  names = set(metric_names)
+  first = tuple(n for n in _FIRST_CHECKS if n in names)
+  return first + tuple(sorted(names - set(first))) + GUARDED_STATE_FIELDS
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  """bool []: every floating-point leaf of ``tree`` is finite (integer leaves always are)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def guard_nonfinite(state: TrainState, new_state: TrainState,
+                    metrics: Mapping[str, jax.Array]) -> TrainState:
+  """``new_state`` if every check of :func:`nonfinite_check_names` is finite, else ``state``.
+
+  On device, without a host sync: the refused update leaves ``state`` (step included) as it
+  was and records the step number (``state.step + 1``) in ``nonfinite_step`` and the first
+  failing check in ``nonfinite_check``. The guard is sticky: once set, later updates are
+  refused too, so the state is the last finite one until the host sees the flag and stops.
+
+  Args:
+    state: the state the step started from.
+    new_state: the updated state.
+    metrics: the step's metrics (float32 [] each).
+
+  Returns:
+    The state to keep.
+  """
+  names = nonfinite_check_names(metrics)
+  checked = dict(metrics, **{f: getattr(new_state, f) for f in GUARDED_STATE_FIELDS})
+  finite = jnp.stack([_all_finite(checked[n]) for n in names])  # bool [len(names)]
+  clear = state.nonfinite_step < 0
+  accept = clear & jnp.all(finite)
+  kept = jax.tree_util.tree_map(lambda new, old: jnp.where(accept, new, old), new_state, state)
+  newly_bad = clear & ~jnp.all(finite)
+  first_bad = jnp.argmax(~finite).astype(jnp.int32)
+  return kept._replace(
+      nonfinite_step=jnp.where(newly_bad, state.step + 1, state.nonfinite_step).astype(jnp.int32),
+      nonfinite_check=jnp.where(newly_bad, first_bad, state.nonfinite_check).astype(jnp.int32))

@@ -226,3 +226,78 @@ def test_sharded_step_equals_unsharded(state):
   np.testing.assert_array_equal(np.asarray(a.queue.labels), np.asarray(b.queue.labels))
   for k in metrics_a:
     np.testing.assert_allclose(float(metrics_a[k]), float(metrics_b[k]), atol=1e-5, err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# The non-finite guard.
+# ----------------------------------------------------------------------------------------------
+
+def _assert_same_state_but_guard(got, expected):
+  """Every leaf bit-identical, except the two guard fields."""
+  strip = lambda s: s._replace(nonfinite_step=0, nonfinite_check=0)
+  chex.assert_trees_all_equal(jax.device_get(strip(got)), jax.device_get(strip(expected)))
+
+
+def test_nonfinite_batch_leaves_the_state_unchanged_and_sets_the_guard(state):
+  config = _config("semppl")
+  step = _unit_jit(config)
+  good, metrics = step(jax.tree_util.tree_map(jnp.copy, state),
+                       jax.tree_util.tree_map(jnp.asarray, _batch(30)), jax.random.PRNGKey(0))
+  assert int(good.step) == 1 and int(good.nonfinite_step) == -1
+  assert int(good.nonfinite_check) == -1
+  names = train.nonfinite_check_names(metrics)
+  assert names[:2] == ("loss", "grad_norm") and names[-1] == "queue"
+
+  nan_batch = dict(_batch(31), labelled_images=np.full((8, 16, 16, 1), np.nan, np.float32))
+  refused, metrics = step(jax.tree_util.tree_map(jnp.copy, good),
+                          jax.tree_util.tree_map(jnp.asarray, nan_batch), jax.random.PRNGKey(1))
+  _assert_same_state_but_guard(refused, good)  # step stays 1: the update was not applied.
+  assert int(refused.nonfinite_step) == 2  # The second step, as in 'step 2/10'.
+  # The first check in order that failed: a metric if one is non-finite, else a state field
+  # (NaN pixels can leave the loss finite -- ReLU maps NaN to 0 -- and poison the BatchNorm
+  # statistics, which only the state check sees).
+  bad_metrics = [n for n in names if n in metrics and not np.isfinite(float(metrics[n]))]
+  failed = names[int(refused.nonfinite_check)]
+  if bad_metrics:
+    assert failed == bad_metrics[0]
+  else:
+    assert failed in train.GUARDED_STATE_FIELDS
+  print(f"NaN pixels: first non-finite check {failed!r}, non-finite metrics {bad_metrics}")
+
+  # Sticky: a finite batch afterwards does not resume training behind the host's back.
+  after, metrics = step(jax.tree_util.tree_map(jnp.copy, refused),
+                        jax.tree_util.tree_map(jnp.asarray, _batch(32)), jax.random.PRNGKey(2))
+  assert np.isfinite(float(metrics["loss"]))
+  _assert_same_state_but_guard(after, good)
+  assert (int(after.nonfinite_step), int(after.nonfinite_check)) == (
+      2, int(refused.nonfinite_check))
+
+
+def test_guard_names_the_first_nonfinite_metric_or_state_field(state):
+  metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0),
+             "augm_contrastive": jnp.float32(0.5)}
+  names = train.nonfinite_check_names(metrics)
+  assert names == ("loss", "grad_norm", "augm_contrastive") + train.GUARDED_STATE_FIELDS
+  new = state._replace(step=state.step + 1)
+
+  assert int(train.guard_nonfinite(state, new, metrics).step) == 1  # All finite: accepted.
+  inf_params = dict(new.online_params)
+  module = sorted(inf_params)[0]
+  inf_params[module] = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf),
+                                              inf_params[module])
+  kept = train.guard_nonfinite(state, new._replace(online_params=inf_params), metrics)
+  _assert_same_state_but_guard(kept, state)
+  assert int(kept.nonfinite_step) == 1
+  assert names[int(kept.nonfinite_check)] == "online_params"
+
+  bad_metrics = dict(metrics, grad_norm=jnp.float32(np.inf), augm_contrastive=jnp.float32(np.nan))
+  kept = train.guard_nonfinite(state, new, bad_metrics)
+  assert names[int(kept.nonfinite_check)] == "grad_norm"  # The first of the two, in order.
+
+
+def test_guard_fields_stay_out_of_checkpoint_dicts(state):
+  tree = state.to_dict()
+  assert "nonfinite_step" not in tree and "nonfinite_check" not in tree
+  restored = train.TrainState.from_dict(tree)  # A checkpoint from before the guard, too.
+  assert (int(restored.nonfinite_step), int(restored.nonfinite_check)) == (-1, -1)
+  chex.assert_trees_all_equal(restored, state)
