@@ -245,14 +245,6 @@ class TrainState(NamedTuple):
     opt_state: LARS state of the online parameters.
     probe_params / probe_opt_state: the linear probe ``classifier`` and its Adam state.
     queue: the ``L`` labelled-embedding queues ``[L, Q, D]``.
-  """
-  step: jax.Array
-  online_params: PyTree
-  online_state: PyTree
-  target_params: PyTree
-  target_state: PyTree
-  opt_state: PyTree
-  probe_params: PyTree
     nonfinite_step: int32 [], the non-finite guard (see :func:`guard_nonfinite`): the number
       (1-based, as in the progress line ``step N/K``) of the first step whose update was
       refused because something was not finite; -1 while every step was finite. Once set, the
@@ -263,8 +255,18 @@ class TrainState(NamedTuple):
   The two guard fields are not part of :meth:`to_dict` (nor of checkpoints): a state whose
   guard is set is never saved, so checkpoints from before and after the guard existed are
   interchangeable.
+  """
+  step: jax.Array
+  online_params: PyTree
+  online_state: PyTree
+  target_params: PyTree
+  target_state: PyTree
+  opt_state: PyTree
+  probe_params: PyTree
   probe_opt_state: PyTree
   queue: queue_lib.Queue
+  nonfinite_step: jax.Array
+  nonfinite_check: jax.Array
 
   def to_dict(self) -> Dict[str, Any]:
     """A nested dict (what checkpoints store), without the guard fields."""
@@ -276,11 +278,14 @@ class TrainState(NamedTuple):
   @classmethod
   def from_dict(cls, tree: Mapping[str, Any]) -> "TrainState":
     """Inverse of :meth:`to_dict`; the guard fields start cleared (-1) unless ``tree`` has them."""
-  nonfinite_step: jax.Array
-  nonfinite_check: jax.Array
     fields = dict(tree)
     fields["queue"] = queue_lib.Queue(**fields["queue"])
+    for name in _GUARD_FIELDS:
+      fields.setdefault(name, jnp.full((), -1, jnp.int32))
     return cls(**fields)
+
+
+_GUARD_FIELDS = ("nonfinite_step", "nonfinite_check")
 
 
 def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> Dict[str, Any]:
@@ -288,13 +293,8 @@ def _subset(tree: Mapping[str, Any], like: Mapping[str, Any]) -> Dict[str, Any]:
   return {k: tree[k] for k in like}
 
 
-    for name in _GUARD_FIELDS:
-      fields.setdefault(name, jnp.full((), -1, jnp.int32))
 def init_train_state(config: TrainConfig, key: jax.Array) -> TrainState:
   """A fresh state: random online network, the target a copy of it, empty queues.
-
-_GUARD_FIELDS = ("nonfinite_step", "nonfinite_check")
-
 
   Args:
     config: the hyper-parameters.
