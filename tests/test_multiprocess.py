@@ -85,7 +85,7 @@ def _start(run_dir, log_dir, num_processes, devices_per_process, config, overrid
     if num_processes > 1:
       cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
               f"--process_id={i}"]
-    logs.append(os.path.join(log_dir, f"process_{i}.log"))
+    logs.append(os.path.join(log_dir, f"process_{i}.txt"))
     # Output goes to files: Orbax's logging would fill a pipe nobody reads and block the run.
     with open(logs[-1], "w") as log:
       procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -114,7 +114,7 @@ def _finish(procs, logs, run_dir, deadline) -> Run:
 
 
 def _launch(run_dir, num_processes, devices_per_process, *overrides, config=TINY_CONFIG):
-  procs, logs = _start(run_dir, os.path.join(run_dir, "logs"), num_processes,
+  procs, logs = _start(run_dir, os.path.join(run_dir, "console"), num_processes,
                        devices_per_process, config, overrides)
   run = _finish(procs, logs, run_dir, time.time() + LAUNCH_TIMEOUT_S)
   for i, (code, out) in enumerate(zip(run.returncodes, run.outputs)):
@@ -125,7 +125,7 @@ def _launch(run_dir, num_processes, devices_per_process, *overrides, config=TINY
 def _launch_and_lose_process_1(run_dir, *overrides) -> Run:
   """2 x 2 launch; SIGKILLs process 1 once a checkpoint of step >= 2 is on disk, then waits
   for process 0 to exit by itself."""
-  procs, logs = _start(run_dir, os.path.join(run_dir, "logs_lost"), 2, 2, TINY_CONFIG,
+  procs, logs = _start(run_dir, os.path.join(run_dir, "console_lost"), 2, 2, TINY_CONFIG,
                        overrides, flags=(f"--heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}",))
   deadline = time.time() + LAUNCH_TIMEOUT_S
   try:
