@@ -80,16 +80,22 @@ def _start(run_dir, log_dir, num_processes, devices_per_process, config, overrid
              SEMPPL_TEST_RUN_DIR=str(run_dir))
   port = _free_port()
   procs, logs = [], []
-  for i in range(num_processes):
-    cmd = [sys.executable, LAUNCH, f"--config={config}", *overrides, *flags]
-    if num_processes > 1:
-      cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
-              f"--process_id={i}"]
-    logs.append(os.path.join(log_dir, f"process_{i}.txt"))
-    # Output goes to files: Orbax's logging would fill a pipe nobody reads and block the run.
-    with open(logs[-1], "w") as log:
-      procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=ROOT))
+  try:
+    for i in range(num_processes):
+      cmd = [sys.executable, LAUNCH, f"--config={config}", *overrides, *flags]
+      if num_processes > 1:
+        cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+                f"--process_id={i}"]
+      logs.append(os.path.join(log_dir, f"process_{i}.txt"))
+      # Output goes to files: Orbax's logging would fill a pipe nobody reads and block the run.
+      with open(logs[-1], "w") as log:
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      cwd=ROOT))
+  except BaseException:
+    for proc in procs:  # Never leave a process waiting for peers that will not come.
+      proc.kill()
+      proc.wait()
+    raise
   return procs, logs
 
 
