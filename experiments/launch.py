@@ -14,9 +14,14 @@ lost one before they exit with an error. Only process 0 writes TensorBoard event
 """
 import os
 import sys
+import warnings
 
 from absl import app
 from absl import flags
+from absl import logging
+
+# TensorFlow (tf.data only) would print C++ INFO lines to the console before any flag is read.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # Importable without `pip install -e .` too (run from a checkout).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,9 +87,31 @@ def initialize_distributed():
     platform.create_writer = lambda config, mode: None
 
 
+def route_library_logs(config) -> str:
+  """Library INFO logs (jaxline's config dump, Orbax, TensorFlow) go to a file in the run
+  directory; the console keeps progress lines, results and warnings. ``--verbosity=0`` (or any
+  explicit ``--verbosity``) keeps absl's usual console logging instead."""
+  if flags.FLAGS["verbosity"].present or flags.FLAGS["logtostderr"].value:
+    return ""
+  root = config.checkpoint_dir
+  # Logs stay on local disk, also when checkpoints go to a bucket.
+  log_dir = os.path.join(os.path.abspath("logs") if "://" in root else os.path.abspath(root),
+                         "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  # Named before jax.distributed starts (its own start-up lines go to the file too).
+  name = f"pid{os.getpid()}" if _DISTRIBUTED_AUTO.value else f"process{_PROCESS_ID.value}"
+  logging.get_absl_handler().use_absl_log_file(name, log_dir)
+  flags.FLAGS.stderrthreshold = "warning"
+  warnings.simplefilter("ignore", DeprecationWarning)  # Third-party deprecations: log noise.
+  return os.path.join(log_dir, f"{name}.INFO")
+
+
 def main(argv):
-  initialize_distributed()
   config = flags.FLAGS.config
+  log_file = route_library_logs(config)
+  initialize_distributed()
+  if log_file and jax.process_index() == 0:
+    print(f"[setup] library logs: {log_file} (--verbosity=0 shows them here)", flush=True)
   platform.main(experiment_class_for(config.experiment_class), argv,
                 checkpointer_factory=checkpointer_factory)
 
