@@ -113,6 +113,13 @@ def validate_config(config: config_dict.ConfigDict, *, num_devices: int,
   batch = labelled + config.data.unlabelled_batch_size
   if rules.integer(config, "semppl.num_negatives", low=0):
     rules.integer(config, "semppl.num_negatives", low=1, high=batch - 1)
+  # Ablation switches (optional fields: configs without them run DESIGN.md §2 as written).
+  for field in _LOSS_SWITCHES:
+    if field in config.semppl:
+      if isinstance(_LOSS_SWITCH_DEFAULTS[field], bool):
+        rules.boolean(config, f"semppl.{field}")
+      else:
+        rules.integer(config, f"semppl.{field}", low=0)
 
   rules.number(config, "optimizer.base_learning_rate", 0.0)
   rules.number(config, "optimizer.weight_decay", 0.0)
@@ -133,6 +140,11 @@ def validate_config(config: config_dict.ConfigDict, *, num_devices: int,
   rules.integer(config, "summaries.images_every_steps", low=0)
   rules.integer(config, "summaries.num_images", low=1)
   rules.boolean(config, "summaries.plots")
+
+
+_LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
+                  "bn_stats_from_large_views_only")
+_LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
 
 
 def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.TrainConfig:
@@ -162,7 +174,8 @@ def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.Train
           knn_k=s.knn_k, num_semantic_positives=s.num_semantic_positives,
           temperature=s.temperature, contrastive_weight=s.contrastive_weight,
           semantic_weight=s.semantic_weight, invariance_weight=s.invariance_weight,
-          num_negatives=s.num_negatives),
+          num_negatives=s.num_negatives,
+          **{f: s.get(f, _LOSS_SWITCH_DEFAULTS[f]) for f in _LOSS_SWITCHES}),
       optim=train.OptimConfig(
           base_learning_rate=o.base_learning_rate, weight_decay=o.weight_decay,
           momentum=o.momentum, trust_coefficient=o.trust_coefficient,

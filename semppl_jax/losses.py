@@ -59,6 +59,16 @@ def _check_column_mask(column_mask, batch: int) -> None:
     raise ValueError(f"column_mask must be bool, got dtype {_dtype(column_mask)}.")
 
 
+def _check_pair_mask(pair_mask, batch: int, columns: int) -> None:
+  if pair_mask is None:
+    return
+  if np.shape(pair_mask) != (batch, columns):
+    raise ValueError(f"pair_mask must have shape ({batch}, {columns}), "
+                     f"got shape {np.shape(pair_mask)}.")
+  if _dtype(pair_mask) != np.bool_:
+    raise ValueError(f"pair_mask must be bool, got dtype {_dtype(pair_mask)}.")
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-6) -> jax.Array:
   """``x / max(||x||, eps)`` along ``axis``; float32 in, float32 out, same shape.
 
@@ -76,6 +86,7 @@ def contrastive_loss(
     *,
     temperature,
     column_mask: Optional[jax.Array] = None,
+    pair_mask: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-row cross-entropy of picking the own positive among all rows of ``positives``.
 
@@ -86,10 +97,13 @@ def contrastive_loss(
     temperature: python/numpy scalar > 0 (a traced scalar is accepted unchecked).
     column_mask: optional bool [B]; False marks row j of ``positives`` as an invalid candidate,
       excluded from every row's softmax. A row whose own positive is invalid gets loss 0.
+    pair_mask: optional bool [B, B]; False at (i, j) removes candidate j from row i's softmax
+      only (e.g. negatives of the anchor's own class). The diagonal is ignored: a row's own
+      positive always stays a candidate.
 
   Returns:
     loss: float32 [B], ``-log softmax(logits)[i, i]`` (0 for rows with ``column_mask`` False).
-    logits: float32 [B, B], ``anchors @ positives.T / temperature``; masked columns hold
+    logits: float32 [B, B], ``anchors @ positives.T / temperature``; masked entries hold
       ``MASKED_LOGIT``.
   """
   _check_array("anchors", anchors, 2, "[B, D]")
@@ -100,12 +114,16 @@ def contrastive_loss(
         f"got shape {np.shape(positives)}.")
   _check_temperature(temperature)
   _check_column_mask(column_mask, np.shape(anchors)[0])
+  _check_pair_mask(pair_mask, np.shape(anchors)[0], np.shape(anchors)[0])
 
   anchors = jnp.asarray(anchors, jnp.float32)
   positives = jnp.asarray(positives, jnp.float32)
   logits = jnp.einsum("id,jd->ij", anchors, positives, precision=_PRECISION) / temperature
   if column_mask is not None:
     logits = jnp.where(column_mask[None, :], logits, MASKED_LOGIT)
+  if pair_mask is not None:
+    keep = pair_mask | jnp.eye(logits.shape[0], dtype=bool)
+    logits = jnp.where(keep, logits, MASKED_LOGIT)
   # The positive's logit is read from the same matrix that enters the softmax, so the loss
   # is a proper -log probability (>= 0 up to rounding).
   loss = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1))
@@ -156,6 +174,7 @@ def sampled_contrastive_loss(
     *,
     temperature,
     column_mask: Optional[jax.Array] = None,
+    pair_mask: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`contrastive_loss` with a sampled set of negatives per row.
 
@@ -167,6 +186,8 @@ def sampled_contrastive_loss(
     temperature: scalar > 0.
     column_mask: optional bool [B]; as in :func:`contrastive_loss` (a sampled negative that is
       invalid is masked out; a row whose own positive is invalid gets loss 0).
+    pair_mask: optional bool [B, B]; as in :func:`contrastive_loss`: a sampled negative j of
+      row i with ``pair_mask[i, j]`` False is masked out of row i's softmax.
 
   Returns:
     loss: float32 [B], cross-entropy of picking candidate 0.
@@ -186,6 +207,7 @@ def sampled_contrastive_loss(
         f"got shape {np.shape(negative_indices)}.")
   _check_temperature(temperature)
   _check_column_mask(column_mask, batch)
+  _check_pair_mask(pair_mask, batch, batch)
 
   anchors = jnp.asarray(anchors, jnp.float32)
   positives = jnp.asarray(positives, jnp.float32)
@@ -196,6 +218,9 @@ def sampled_contrastive_loss(
   logits = jnp.einsum("id,ikd->ik", anchors, candidates, precision=_PRECISION) / temperature
   if column_mask is not None:
     logits = jnp.where(column_mask[candidate_ids], logits, MASKED_LOGIT)
+  if pair_mask is not None:
+    keep = jnp.take_along_axis(pair_mask, candidate_ids, axis=1).at[:, 0].set(True)
+    logits = jnp.where(keep, logits, MASKED_LOGIT)
   loss = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
   if column_mask is not None:
     loss = jnp.where(column_mask, loss, 0.0)
@@ -248,7 +273,8 @@ def _pairwise_invariance(logits: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(off_diagonal, kl, 0.0), axis=(0, 1)) / (num_views * (num_views - 1))
 
 
-def _candidate_set_terms(online, candidates, column_mask, negative_indices, temperature):
+def _candidate_set_terms(online, candidates, column_mask, negative_indices, temperature,
+                         pair_mask=None):
   """Contrastive, invariance and top-1 terms of all anchor views against one candidate set.
 
   Args:
@@ -257,6 +283,7 @@ def _candidate_set_terms(online, candidates, column_mask, negative_indices, temp
     column_mask: bool [B] or None.
     negative_indices: int32 [B, K] or None (None: all other rows are negatives).
     temperature: scalar > 0.
+    pair_mask: bool [B, B] or None (see :func:`contrastive_loss`).
 
   Returns:
     (contrastive [V, B], invariance [B], top1 [V, B] float32); rows with column_mask False
@@ -264,12 +291,13 @@ def _candidate_set_terms(online, candidates, column_mask, negative_indices, temp
   """
   if negative_indices is None:
     per_view = lambda anchors: contrastive_loss(
-        anchors, candidates, temperature=temperature, column_mask=column_mask)
+        anchors, candidates, temperature=temperature, column_mask=column_mask,
+        pair_mask=pair_mask)
     positive_column = jnp.arange(candidates.shape[0])
   else:
     per_view = lambda anchors: sampled_contrastive_loss(
         anchors, candidates, negative_indices, temperature=temperature,
-        column_mask=column_mask)
+        column_mask=column_mask, pair_mask=pair_mask)
     positive_column = jnp.zeros(candidates.shape[0], jnp.int32)
   contrastive, logits = jax.vmap(per_view)(online)                     # [V, B], [V, B, M]
   invariance = _pairwise_invariance(logits)
@@ -292,8 +320,13 @@ def semppl_loss(
     invariance_weight: float = 5.0,
     num_negatives: Optional[int] = None,
     key: Optional[jax.Array] = None,
+    semantic_labels: Optional[jax.Array] = None,
+    mask_same_class_negatives: bool = False,
+    semantic_scale=1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The SemPPL objective ``c·(L_augm + α·L_sem) + λ·(I_augm + I_sem)`` (DESIGN.md §2).
+  """The SemPPL objective ``c·(L_augm + s·α·L_sem) + λ·(I_augm + s·I_sem)`` (DESIGN.md §2).
+
+  ``s`` is ``semantic_scale`` (1 by default: DESIGN.md §2's objective exactly).
 
   Every input is l2-normalised here (idempotent); ``target`` and ``semantic`` are
   stop-gradient, so gradients reach only ``online``. The averaging conventions are in the
@@ -317,15 +350,25 @@ def semppl_loss(
       per candidate set (per l for the augmentation term, per (l, s) for the semantic term)
       shared by all V anchor views; semantic samples prefer valid rows.
     key: PRNG key, required when ``num_negatives`` is set (unused otherwise).
+    semantic_labels: int [B], the (pseudo-)label y*_i of each row; required by
+      ``mask_same_class_negatives``.
+    mask_same_class_negatives: if True, the semantic term's negatives of row i exclude every
+      other row m with ``semantic_labels[m] == semantic_labels[i]``: their semantic positives
+      carry the anchor's own (pseudo-)class (and may be the very queue entry drawn as row i's
+      positive), so contrasting against them pushes the class apart. Off by default
+      (DESIGN.md §2 as written: all other rows are negatives). The augmentation term is
+      unchanged.
+    semantic_scale: scalar >= 0 (python or traced) multiplying both semantic terms, e.g. a
+      ramp of the semantic weight over training; 1 = off.
 
   Returns:
     loss: float32 [] total.
     aux: dict of float32 [] scalars: 'loss', 'augm_contrastive' (L_augm),
       'semantic_contrastive' (L_sem), 'augm_invariance' (I_augm), 'semantic_invariance'
-      (I_sem), 'contrastive' (L_augm + α·L_sem), 'invariance' (I_augm + I_sem),
+      (I_sem), 'contrastive' (L_augm + s·α·L_sem), 'invariance' (I_augm + s·I_sem),
       'semantic_valid_fraction' (mean of ``semantic_valid``), 'augm_top1' / 'semantic_top1'
       (fraction of (anchor view, candidate set, valid row) entries whose positive has the
-      largest logit; ties go to the lowest candidate column).
+      largest logit; ties go to the lowest candidate column), 'semantic_scale' (s).
   """
   _check_array("online", online, 3, "[V, B, D]")
   num_views, batch, dim = np.shape(online)
@@ -357,6 +400,14 @@ def semppl_loss(
           f"got {num_negatives!r}.")
     if key is None:
       raise ValueError("key must be a PRNG key when num_negatives is set, got None.")
+  pair_mask = None
+  if mask_same_class_negatives:
+    if semantic_labels is None or np.shape(semantic_labels) != (batch,):
+      raise ValueError(
+          f"semantic_labels must have shape [B] = ({batch},) when mask_same_class_negatives "
+          f"is set, got {None if semantic_labels is None else np.shape(semantic_labels)}.")
+    labels = jnp.asarray(semantic_labels)
+    pair_mask = labels[:, None] != labels[None, :]
 
   online = l2_normalize(online)
   target = jax.lax.stop_gradient(l2_normalize(target))
@@ -390,7 +441,7 @@ def semppl_loss(
         negatives = sample_negative_indices(
             sem_keys[l * num_draws + s], batch, num_negatives, column_mask=valid)
       ce, inv, top1 = _candidate_set_terms(online, semantic[l, s], valid, negatives,
-                                           temperature)
+                                           temperature, pair_mask)
       # Invalid rows are already zero in ce / inv / top1.
       sem_ce_sum += jnp.sum(ce)
       sem_inv_sum += jnp.sum(inv)
@@ -401,8 +452,9 @@ def semppl_loss(
   l_sem = sem_ce_sum / (num_views * denominator)
   i_sem = sem_inv_sum / denominator
 
-  contrastive = l_augm + semantic_weight * l_sem
-  invariance = i_augm + i_sem
+  scale = jnp.asarray(semantic_scale, jnp.float32)
+  contrastive = l_augm + scale * semantic_weight * l_sem
+  invariance = i_augm + scale * i_sem
   loss = contrastive_weight * contrastive + invariance_weight * invariance
   aux = {
       "loss": loss,
@@ -415,6 +467,7 @@ def semppl_loss(
       "semantic_valid_fraction": num_valid / max(semantic_valid.size, 1),
       "augm_top1": jnp.mean(jnp.stack(augm_top1)),
       "semantic_top1": sem_top1_sum / (num_views * denominator),
+      "semantic_scale": scale,
   }
   aux = {name: jnp.asarray(value, jnp.float32) for name, value in aux.items()}
   return aux["loss"], aux

@@ -106,6 +106,14 @@ class LossConfig:
   semantic_weight: float = 0.2
   invariance_weight: float = 5.0
   num_negatives: int = 0  # 0: every other image of the global batch.
+  # Ablation switches; the defaults are DESIGN.md §2 as written.
+  # Drop other rows of the anchor's own (pseudo-)class from the semantic term's negatives.
+  mask_same_class_negatives: bool = False
+  # > 0: both semantic terms are scaled by min(1, step / semantic_ramp_steps).
+  semantic_ramp_steps: int = 0
+  # The small views' forward pass uses its own batch statistics but does not update the
+  # BatchNorm running averages (which evaluation uses at the large views' resolution).
+  bn_stats_from_large_views_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -454,8 +462,10 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
 
   predictions = pred_l
   if S:
-    (_, _, pred_s), online_state = nets.online.apply(
+    (_, _, pred_s), small_state = nets.online.apply(
         online_params, online_state, None, flat(small), True)
+    if not config.loss.bn_stats_from_large_views_only:
+      online_state = small_state
     predictions = jnp.concatenate([pred_l, pred_s], axis=0)
   online = losses.l2_normalize(einops.rearrange(predictions, "(v b) d -> v b d", b=B))
 
@@ -475,11 +485,15 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
     semantic = jnp.zeros((L, N, B, online.shape[-1]), online.dtype)
     valid = jnp.zeros((L, N, B), bool)
   lc = config.loss
+  semantic_scale = 1.0
+  if lc.semantic_ramp_steps > 0:
+    semantic_scale = jnp.minimum(1.0, state.step.astype(jnp.float32) / lc.semantic_ramp_steps)
   loss, loss_metrics = losses.semppl_loss(
       online, target_proj, semantic, valid, temperature=lc.temperature,
       contrastive_weight=lc.contrastive_weight, semantic_weight=lc.semantic_weight,
       invariance_weight=lc.invariance_weight, num_negatives=lc.num_negatives or None,
-      key=k_neg if lc.num_negatives else None)
+      key=k_neg if lc.num_negatives else None, semantic_labels=labels_star,
+      mask_same_class_negatives=lc.mask_same_class_negatives, semantic_scale=semantic_scale)
   metrics.update(loss_metrics)
   metrics["loss"] = loss + probe_ce
 

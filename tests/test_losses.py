@@ -402,3 +402,96 @@ def test_bad_inputs_raise(inputs):
     losses.invariance_loss(a, a[:, :3])
   with pytest.raises(ValueError, match="negative_indices"):
     losses.sampled_contrastive_loss(a, a, np.zeros((3, 2), np.int32), temperature=0.1)
+
+
+# ----------------------------------------------------------------------------- ablation switches
+
+
+def test_pair_mask_removes_candidates_per_row_and_keeps_the_positive():
+  rng = np.random.default_rng(5)
+  a = np_normalize(rng.normal(size=(B, D))).astype(np.float32)
+  p = np_normalize(rng.normal(size=(B, D))).astype(np.float32)
+  pair = rng.random(size=(B, B)) > 0.4
+  pair[np.arange(B), np.arange(B)] = False  # Ignored: the own positive always stays.
+  loss, logits = losses.contrastive_loss(a, p, temperature=TAU, pair_mask=pair)
+  ref_logits = a.astype(np.float64) @ p.T.astype(np.float64) / TAU
+  for i in range(B):
+    cols = [i] + [j for j in range(B) if j != i and pair[i, j]]
+    np.testing.assert_allclose(loss[i], -np_log_softmax(ref_logits[i, cols])[0],
+                               rtol=1e-5, atol=1e-5)
+    dropped = [j for j in range(B) if j != i and not pair[i, j]]
+    assert np.all(np.asarray(logits)[i, dropped] == losses.MASKED_LOGIT)
+  # Sampled negatives: the same rule on the sampled columns.
+  neg = np.asarray(losses.sample_negative_indices(jax.random.PRNGKey(1), B, 4))
+  loss_s, logits_s = losses.sampled_contrastive_loss(a, p, neg, temperature=TAU, pair_mask=pair)
+  for i in range(B):
+    cols = [i] + [j for j in neg[i] if pair[i, j]]
+    np.testing.assert_allclose(loss_s[i], -np_log_softmax(ref_logits[i, cols])[0],
+                               rtol=1e-5, atol=1e-5)
+    assert np.asarray(logits_s)[i, 0] != losses.MASKED_LOGIT
+  with pytest.raises(ValueError, match="pair_mask must have shape"):
+    losses.contrastive_loss(a, p, temperature=TAU, pair_mask=pair[:, :3])
+  with pytest.raises(ValueError, match="pair_mask must be bool"):
+    losses.contrastive_loss(a, p, temperature=TAU, pair_mask=pair.astype(np.int32))
+
+
+def test_mask_same_class_negatives_matches_numpy_reference(inputs):
+  online, target, semantic, valid = inputs
+  labels = np.array([0, 1, 0, 2, 1, 0], np.int32)
+  loss, aux = _loss_fn(temperature=TAU, mask_same_class_negatives=True, **WEIGHTS)(
+      online, target, semantic, valid, semantic_labels=labels)
+  o, z = np_normalize(online), np_normalize(semantic)
+  lists = [[i] + [m for m in range(B) if labels[m] != labels[i]] for i in range(B)]
+  sem_ce, sem_inv = [], []
+  for l in range(L):
+    for s in range(N):
+      ce, inv, _ = np_candidate_set(o, z[l, s], valid[l, s], TAU, candidate_lists=lists)
+      sem_ce += ce
+      sem_inv += inv
+  default = np_semppl(online, target, semantic, valid, temperature=TAU, **WEIGHTS)
+  np.testing.assert_allclose(aux["semantic_contrastive"], np.mean(sem_ce), rtol=1e-5)
+  np.testing.assert_allclose(aux["semantic_invariance"], np.mean(sem_inv), rtol=1e-4,
+                             atol=1e-6)
+  # The augmentation term does not change.
+  np.testing.assert_allclose(aux["augm_contrastive"], default["augm_contrastive"], rtol=1e-5)
+  expected = (WEIGHTS["contrastive_weight"] * (default["augm_contrastive"]
+                                               + WEIGHTS["semantic_weight"] * np.mean(sem_ce))
+              + WEIGHTS["invariance_weight"] * (default["augm_invariance"] + np.mean(sem_inv)))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="semantic_labels must have shape"):
+    losses.semppl_loss(online, target, semantic, valid, temperature=TAU,
+                       mask_same_class_negatives=True)
+
+
+def test_same_class_mask_removes_the_duplicate_positive():
+  # Rows 0 and 1 share a class and drew the very same queue entry as semantic positive: by
+  # default row 0's positive also appears as its negative (loss >= log 2); masked, it does not.
+  e = np.eye(4, dtype=np.float32)
+  drawn = np.stack([e[0], e[0], e[2], e[3]])
+  online = np.stack([drawn, drawn])                           # [V=2, B=4, D=4]
+  target = e[None]                                            # [L=1, B, D]
+  semantic = drawn[None, None]                                # [1, 1, B, D]
+  valid = np.ones((1, 1, 4), bool)
+  labels = np.array([0, 0, 1, 2], np.int32)
+  _, plain = losses.semppl_loss(online, target, semantic, valid, temperature=0.1)
+  _, masked = losses.semppl_loss(online, target, semantic, valid, temperature=0.1,
+                                 semantic_labels=labels, mask_same_class_negatives=True)
+  # Rows 0 and 1 each see two equal top logits (log 2), rows 2 and 3 none: mean log(2) / 2.
+  np.testing.assert_allclose(plain["semantic_contrastive"], np.log(2) / 2, rtol=1e-3)
+  assert float(masked["semantic_contrastive"]) < 1e-3
+
+
+def test_semantic_scale_scales_both_semantic_terms(inputs):
+  online, target, semantic, valid = inputs
+  fn = _loss_fn(temperature=TAU, **WEIGHTS)
+  full_loss, full = fn(online, target, semantic, valid)
+  half_loss, half = fn(online, target, semantic, valid, semantic_scale=0.5)
+  zero_loss, zero = fn(online, target, semantic, valid, semantic_scale=jnp.float32(0.0))
+  sem = (WEIGHTS["contrastive_weight"] * WEIGHTS["semantic_weight"]
+         * float(full["semantic_contrastive"])
+         + WEIGHTS["invariance_weight"] * float(full["semantic_invariance"]))
+  np.testing.assert_allclose(full_loss - half_loss, 0.5 * sem, rtol=1e-4)
+  np.testing.assert_allclose(full_loss - zero_loss, sem, rtol=1e-4)
+  assert float(full["semantic_scale"]) == 1.0 and float(zero["semantic_scale"]) == 0.0
+  # The terms themselves are reported unscaled.
+  assert float(half["semantic_contrastive"]) == float(full["semantic_contrastive"])
