@@ -8,6 +8,8 @@ import math
 import numbers
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
+from semppl_jax import parallel
+
 
 def fail(field: str, message: str) -> None:
   """Raises ``ValueError('config.<field>: <message>')``."""
@@ -125,6 +127,8 @@ def multiple_of(config: Any, field: str, divisor: int, what: str) -> int:
 
 
 def batch_divisible(config: Any, field: str, *, num_devices: int, num_processes: int) -> int:
-  """A global batch size that splits evenly over every device and every process."""
-  multiple_of(config, field, num_devices, "the global number of devices")
-  return multiple_of(config, field, num_processes, "the number of processes")
+  """A global batch size >= 1 that splits evenly over every device and every process
+  (``parallel.check_batch_divisible``)."""
+  value = integer(config, field, low=1)
+  parallel.check_batch_divisible(field, value, num_devices, num_processes)
+  return value
