@@ -13,6 +13,7 @@ import re
 import shutil
 from typing import Any, Callable, Iterable, Mapping
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -260,19 +261,20 @@ def newest_checkpoint_dir(path: Any) -> str:
   Raises:
     CheckpointError: ``path`` is not a directory or holds no complete checkpoint.
   """
-  root = os.path.abspath(str(path))
-  if not os.path.isdir(root):
+  # epath: local paths and bucket URLs (gs://...) alike.
+  root = epath.Path(_dir(path))
+  if not root.is_dir():
     raise CheckpointError(f"{path!r} is not a directory; expected a run's "
                           "'<checkpoint_dir>/checkpoints' (e.g. runs/fashion_mnist/checkpoints).")
-  if os.path.isdir(os.path.join(root, _MODULE_KEY)):
-    return root
-  series = os.path.join(root, "latest")
-  series = series if os.path.isdir(series) else root
-  step = latest_step(series)
+  if (root / _MODULE_KEY).is_dir():
+    return str(root)
+  series = root / "latest"
+  series = series if series.is_dir() else root
+  step = latest_step(str(series))
   if step is None:
     raise CheckpointError(f"no complete checkpoint under {path!r}; expected a run's "
                           "'<checkpoint_dir>/checkpoints' with a 'latest/<n>' checkpoint.")
-  return os.path.join(series, str(step))
+  return str(series / str(step))
 
 
 def read_experiment_snapshot(path: Any, *, select: Any = None) -> tuple[int | None, Any]:
@@ -293,7 +295,7 @@ def read_experiment_snapshot(path: Any, *, select: Any = None) -> tuple[int | No
   """
   ocp = _ocp()
   step_dir = newest_checkpoint_dir(path)
-  item_dir = os.path.join(step_dir, _MODULE_KEY)
+  item_dir = epath.Path(step_dir) / _MODULE_KEY
   handler = ocp.PyTreeCheckpointer()
   try:
     tree = handler.metadata(item_dir).item_metadata.tree["value"]
@@ -306,8 +308,8 @@ def read_experiment_snapshot(path: Any, *, select: Any = None) -> tuple[int | No
   restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=select is not None))["value"]
   global_step = None
-  meta_dir = os.path.join(step_dir, _META_ITEM)
-  if os.path.isdir(meta_dir):
+  meta_dir = epath.Path(step_dir) / _META_ITEM
+  if meta_dir.is_dir():
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
     entry = meta.get("json", {}).get("global_step")
     global_step = None if entry is None else int(_from_json_entry(entry))
