@@ -214,6 +214,24 @@ class Experiment(mesh_experiment.MeshExperiment):
     state = tree if isinstance(tree, train.TrainState) else train.TrainState.from_dict(tree)
     return jax.device_put(state, train.train_state_shardings(state, self._mesh))
 
+  def _check_finite(self) -> None:
+    """Raises ``FloatingPointError`` naming the step and the first non-finite check if the
+    train step's guard refused an update (``train.guard_nonfinite``); fetches two int32 [].
+    """
+    with jax.transfer_guard_device_to_host("allow"):
+      step, check = (int(x) for x in jax.device_get(
+          (self._train_state.nonfinite_step, self._train_state.nonfinite_check)))
+    if step < 0:
+      return
+    names = train.nonfinite_check_names(self._recent[-1] if self._recent else ())
+    what = names[check] if 0 <= check < len(names) else f"check #{check}"
+    raise FloatingPointError(
+        f"step {step}: non-finite {what} (optimizer.base_learning_rate="
+        f"{self.config.optimizer.base_learning_rate}); the update of step {step} and all later "
+        "ones were refused and nothing non-finite was saved: the newest checkpoint holds the "
+        f"last finite state (at most {step - 1} steps). Resume from it with a lower learning "
+        "rate, or check the data of that step.")
+
   def step(self, *, global_step, rng, writer=None) -> Dict[str, jax.Array]:
     """One training step; returns its metrics as device scalars (nothing is fetched)."""
     del rng, writer  # Keys are fold_in(root, step).

@@ -65,8 +65,19 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
     return tree
 
   def snapshot_state(self) -> Mapping[str, Any]:
-    """``{'train_state': pytree}``, for the checkpointer."""
+    """``{'train_state': pytree}``, for the checkpointer.
+
+    Raises:
+      FloatingPointError: the state stopped updating at a non-finite step
+        (:meth:`_check_finite`); nothing is saved.
+    """
+    self._check_finite()
     return {"train_state": self._state_tree()}
+
+  def _check_finite(self) -> None:
+    """Raises ``FloatingPointError('step N: non-finite <check> ...')`` if a step was refused as
+    non-finite; called at every progress line and before every checkpoint save. Subclasses
+    with a guarded state override it (the default checks nothing)."""
 
   def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
     """Puts a restored ``snapshot_state()`` tree back, placed with the state's shardings."""
@@ -121,6 +132,7 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
       if done == start_step + 1:  # Rates exclude the first step, which compiles.
         t0 = time.time()
       if done % log_every == 0 or done == total or done == start_step + 1:
+        self._check_finite()  # Stops here rather than training on from a refused step.
         if done == start_step + 1:
           speed = "compiled"
         else:
