@@ -1,4 +1,4 @@
-"""Benchmarks of semppl_jax.knn: the sharded kNN vote and semantic-positive sampling.
+"""Benchmarks of semppl_jax.knn's sharded kNN vote and semppl_jax.semantic_positives' sampler.
 
 ``--bench vote`` (default): for every queue size Q and k, the median wall time of the jitted
 ``knn_vote`` (512 queries, D = 256, l2-normalised, 10 % empty slots) after a warm-up call, the
@@ -6,15 +6,15 @@ time of a jitted ``queries @ queue.T`` of the same size placed the same way (the
 exact kNN), the achieved GFLOP/s of both (2·B·Q·D flops) and their ratio, and the compiled
 per-device memory of ``knn_vote`` (``memory_analysis()``: temporaries and arguments).
 
-``--bench sample``: ``sample_semantic_positives`` (per-shard label counts, one integer rank per
-draw, the owning device sends the entry) against the previous sampler (one random number per
-(queue, draw, image, slot) and a top-1 over them through the sharded top-k; reimplemented
-here as ``_noise_top1_sampler``), with L = 4 queues, N = 3 draws, D = 256, 1000 classes, 10 %
-empty slots, for a grid of batch sizes B and queue sizes Q. Both are timed as jitted calls
-(median after a warm-up) and compared with a jitted ``einsum('lbd,lqd->lbq')`` of the B queries
-against all L queues (one kNN-vote worth of matmul), with each one's compiled temporary memory.
-The old sampler is skipped where ``N · B · Q`` exceeds ``--max-old-elements`` (its score
-block alone is that many float32 values per queue).
+``--bench sample``: ``semantic_positives.sample_semantic_positives`` (per-shard label counts,
+one integer rank per draw, the owning device sends the entry) against the previous sampler (one
+random number per (queue, draw, image, slot) and a top-1 over them through the sharded top-k;
+reimplemented here as ``_noise_top1_sampler``), with L = 4 queues, N = 3 draws, D = 256, 1000
+classes, 10 % empty slots, for a grid of batch sizes B and queue sizes Q. Both are timed as
+jitted calls (median after a warm-up) and compared with a jitted ``einsum('lbd,lqd->lbq')`` of
+the B queries against all L queues (one kNN-vote worth of matmul), with each one's compiled
+temporary memory. The old sampler is skipped where ``N · B · Q`` exceeds
+``--max-old-elements`` (its score block alone is that many float32 values per queue).
 
 Usage:
   python experiments/bench_knn.py                 # vote: 1 device, then 8 fake CPU devices
@@ -150,6 +150,7 @@ def _measure_sample(devices, batches, log2_sizes, repeats, max_old_elements):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from semppl_jax import knn, parallel  # pylint: disable=g-import-not-at-top
   from semppl_jax import queue as queue_lib  # pylint: disable=g-import-not-at-top
+  from semppl_jax import semantic_positives  # pylint: disable=g-import-not-at-top
 
   if len(jax.devices()) < devices:
     raise SystemExit(f"asked for {devices} devices, jax has {len(jax.devices())}")
@@ -172,8 +173,8 @@ def _measure_sample(devices, batches, log2_sizes, repeats, max_old_elements):
       times.append(time.perf_counter() - start)
     return statistics.median(times), compiled.memory_analysis().temp_size_in_bytes
 
-  new_sampler = jax.jit(lambda key, y, q: knn.sample_semantic_positives(key, y, q,
-                                                                        SAMPLE_DRAWS))
+  new_sampler = jax.jit(lambda key, y, q: semantic_positives.sample_semantic_positives(
+      key, y, q, SAMPLE_DRAWS))
   old_sampler = jax.jit(_noise_top1_sampler(knn, SAMPLE_DRAWS))
   matmul = jax.jit(lambda x, q: jnp.einsum("lbd,lqd->lbq", x, q.embeddings))
   rows = []

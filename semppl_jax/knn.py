@@ -1,4 +1,4 @@
-"""kNN votes, pseudo-labels and semantic-positive sampling over (sharded) queues.
+"""kNN votes, pseudo-labels and evaluation kNN over (sharded) queues.
 
 kNN votes, pseudo-labels and evaluation kNN go through one primitive, a sharded top-k over the
 entries of a queue (or of an evaluation bank). Inside ``with jax.set_mesh(mesh)`` whose
@@ -27,24 +27,21 @@ same scores, both paths return identical results, bit for bit:
   merged, replicated candidates, so it sees the same numbers in both paths (see
   :func:`knn_vote`).
 
-Semantic-positive sampling (:func:`sample_semantic_positives`) does not score entries at all: it
-counts label matches per shard, draws one integer rank per draw and lets the device holding
-that match send it. Its cost does not grow with ``B × Q`` and it is identical, bit for bit,
-sharded or not.
-
 The selection and merge logic is exact. What this module cannot pin down is the rounding of
 the similarity scores themselves: they come from the backend's matmul of a ``[rows, Q / n]``
 block instead of a ``[rows, Q]`` one, and a compiler may round a dot product differently for
 different shapes. On XLA:CPU (jax 0.10.2) scores are bit-identical for realistic shapes
 (D = 128 / 256, thousands of entries) but not for some tiny ones (D <= 32); where they differ,
-only entries whose similarities agree to the last bit or so can change places. Sampling does no
-arithmetic on the entries and is always identical. Comparisons should be eager vs eager or jit
-vs jit: XLA fuses the elementwise tail (e.g. ``exp`` in :func:`weighted_knn_scores`) differently
-in the two modes.
+only entries whose similarities agree to the last bit or so can change places. Comparisons
+should be eager vs eager or jit vs jit: XLA fuses the elementwise tail (e.g. ``exp`` in
+:func:`weighted_knn_scores`) differently in the two modes.
 
 Labels: ``-1`` marks an empty slot. Labels outside ``[0, num_classes)`` are treated as empty as
 well (values of traced arrays cannot be checked); host-side numpy labels are checked and raise
 ``ValueError``; :func:`check_labels` does that check explicitly for any array.
+
+Semantic-positive sampling from the same queues lives in :mod:`semppl_jax.semantic_positives`
+(it shares :func:`check_queue` and :func:`positive_int`, the argument checks, with this module).
 """
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -78,7 +75,8 @@ class TopK(NamedTuple):
 ScoreFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
+  """``value`` as an int; ``ValueError`` naming ``name`` unless it is a Python / numpy int >= 1."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name} must be a positive Python integer, got {value!r}")
   return int(value)
@@ -97,7 +95,7 @@ def check_labels(labels, num_classes: int, *, name: str = "labels",
   Raises:
     ValueError: naming ``name`` and the allowed range, on a non-integer dtype or a bad value.
   """
-  num_classes = _positive_int(num_classes, "num_classes")
+  num_classes = positive_int(num_classes, "num_classes")
   values = np.asarray(labels)
   if not np.issubdtype(values.dtype, np.integer):
     raise ValueError(f"{name} must be an integer array, got dtype {values.dtype}")
@@ -285,7 +283,7 @@ def top_k_entries(queries, keys, key_labels, *, k: int,
     ``embeddings`` ``[B, min(k, Q), D]`` or ``None``.
   """
   _check_entries(queries, keys, key_labels, entries="keys", labels_name="key_labels")
-  k = _positive_int(k, "k")
+  k = positive_int(k, "k")
   top = _sharded_top_k(_dot_scores(None), jnp.asarray(queries), jnp.asarray(keys)[None],
                        jnp.asarray(key_labels, jnp.int32)[None], k=k,
                        with_embeddings=return_embeddings)
@@ -318,8 +316,8 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
   """
   _check_entries(queries, queue_embeddings, queue_labels, entries="queue_embeddings",
                  labels_name="queue_labels")
-  k = _positive_int(k, "k")
-  num_classes = _positive_int(num_classes, "num_classes")
+  k = positive_int(k, "k")
+  num_classes = positive_int(num_classes, "num_classes")
   if isinstance(queue_labels, np.ndarray):
     check_labels(queue_labels, num_classes, name="queue_labels")
   top = _sharded_top_k(_dot_scores(num_classes), jnp.asarray(queries),
@@ -328,7 +326,11 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
   return _vote(top.labels[0], top.scores[0])[0]
 
 
-def _check_queue(queue: Queue, dim: Optional[int] = None):
+def check_queue(queue: Queue, dim: Optional[int] = None):
+  """Raises ``ValueError`` unless ``queue`` holds ``[L, Q, D]`` embeddings, ``[L, Q]`` labels.
+
+  ``dim``, if given, is the ``D`` the embeddings must have (that of the queries).
+  """
   if jnp.ndim(queue.embeddings) != 3:
     raise ValueError(f"queue.embeddings must have shape [L, Q, D], got "
                      f"{jnp.shape(queue.embeddings)}")
@@ -370,9 +372,9 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
   if jnp.ndim(queries) != 3:
     raise ValueError(f"queries must have shape [L, B, D], got {jnp.shape(queries)}")
   num_views, batch, dim = jnp.shape(queries)
-  _check_queue(queue, dim)
-  k = _positive_int(k, "k")
-  num_classes = _positive_int(num_classes, "num_classes")
+  check_queue(queue, dim)
+  k = positive_int(k, "k")
+  num_classes = positive_int(num_classes, "num_classes")
   if isinstance(queue.labels, np.ndarray):
     check_labels(queue.labels, num_classes, name="queue.labels")
   flat = jnp.asarray(queries).reshape(num_views * batch, dim)
@@ -382,191 +384,6 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
   # Ballot axis last, ordered queue-major then view: [B, L_queue * L_view].
   to_ballots = lambda x: x.reshape(-1, num_views, batch).reshape(-1, batch).T
   return _vote(to_ballots(votes), to_ballots(strengths))[0]
-
-
-def _stable_label_sort(queue_labels):
-  """Labels of every row sorted, and the slots in that order (equal labels: slot order).
-
-  Negative labels all become ``-1`` (only labels ``>= 0`` are ever looked up). When every
-  ``(label + 1) · Ql + slot`` fits in int32, one sort of those packed keys (unique, so any sort
-  is stable) does it: on XLA:CPU it is ~5x faster than a stable sort of (label, slot) pairs,
-  measured at ``[4, 16384]``. Otherwise (labels of order ``2^31 / Ql``, checked at run time)
-  the pair sort runs; both give the same result.
-
-  Args:
-    queue_labels: int32 ``[L, Ql]``.
-
-  Returns:
-    ``(sorted_labels, order)``, int32 ``[L, Ql]`` each.
-  """
-  labels = jnp.maximum(queue_labels, -1)
-  local_size = labels.shape[1]
-  slots = lax.broadcasted_iota(jnp.int32, labels.shape, 1)
-  max_packable = (jnp.iinfo(jnp.int32).max - (local_size - 1)) // local_size - 1
-
-  def packed(labels):
-    keys = jnp.sort((labels + 1) * local_size + slots, axis=1)
-    return keys // local_size - 1, keys % local_size
-
-  def paired(labels):
-    return lax.sort((labels, slots), dimension=1, is_stable=True, num_keys=1)
-
-  return lax.cond(jnp.max(labels) <= max_packable, packed, paired, labels)
-
-
-def _local_matches(queue_labels, targets):
-  """Where the entries matching each target sit in one block of slots.
-
-  Args:
-    queue_labels: int32 ``[L, Ql]``, one block of slots of every queue.
-    targets: int32 ``[B]``; ``< 0`` matches nothing.
-
-  Returns:
-    ``(order, first, count)``: ``order`` int32 ``[L, Ql]``, the block's slots sorted by label,
-    stably (equal labels keep slot order); ``first`` and ``count`` int32 ``[L, B]``: the
-    matches of ``targets[i]`` in queue ``l`` are ``order[l, first[l, i] + j]`` for
-    ``0 <= j < count[l, i]``, in slot order.
-  """
-  sorted_labels, order = _stable_label_sort(queue_labels)
-  # Binary search (O(B log Ql)), not method="compare_all" (O(B Ql)).
-  search = jax.vmap(lambda row, side: jnp.searchsorted(row, targets, side=side),
-                    in_axes=(0, None))
-  first = search(sorted_labels, "left").astype(jnp.int32)
-  last = search(sorted_labels, "right").astype(jnp.int32)
-  count = jnp.where(targets[None, :] >= 0, last - first, 0)
-  return order, first, count
-
-
-def _mul_high_u32(a, b):
-  """``floor(a * b / 2^32)`` of uint32 arrays, exactly, with uint32 arithmetic only (no x64)."""
-  low16 = lambda x: x & 0xFFFF
-  a_hi, a_lo, b_hi, b_lo = a >> 16, low16(a), b >> 16, low16(b)
-  cross_1, cross_2 = a_hi * b_lo, a_lo * b_hi  # Each < 2^32: no overflow.
-  carry = ((a_lo * b_lo) >> 16) + low16(cross_1) + low16(cross_2)  # < 3 · 2^16.
-  return a_hi * b_hi + (cross_1 >> 16) + (cross_2 >> 16) + (carry >> 16)
-
-
-def _draw_ranks(key, total, num_positives: int):
-  """Uniform ranks ``r[l, n, i] = floor(u · total[l, i] / 2^32)`` in ``[0, total[l, i])``.
-
-  ``u`` is ``jax.random.bits(key, (L, N, B), uint32)``: one call with a fixed shape, so every
-  device (and the unsharded path) draws the same numbers. Integer arithmetic only (exact, no
-  float rounding that could reach ``total``). Each rank is hit by ``floor`` or ``ceil`` of
-  ``2^32 / total`` of the ``2^32`` values of ``u``: relative deviation from uniform below
-  ``total / 2^32``. ``r = 0`` where ``total = 0``.
-
-  Args:
-    key: a PRNG key.
-    total: int32 ``[L, B]``, ``>= 0``.
-    num_positives: ``N``.
-
-  Returns:
-    int32 ``[L, N, B]``.
-  """
-  num_queues, batch = total.shape
-  bits = jax.random.bits(key, (num_queues, num_positives, batch), jnp.uint32)
-  ranks = _mul_high_u32(bits, total.astype(jnp.uint32)[:, None, :])
-  return ranks.astype(jnp.int32)
-
-
-def _pick_entries(embeddings, order, first, rank, mine):
-  """Embeddings of the ``rank``-th local matches: float ``[L, N, B, D]``, zeros where not mine.
-
-  Shapes: embeddings ``[L, Ql, D]``; order ``[L, Ql]``; first ``[L, B]``; rank and mine
-  ``[L, N, B]``.
-  """
-  num_queues, local_size, dim = embeddings.shape
-  _, num_positives, batch = rank.shape
-  position = jnp.clip(first[:, None, :] + rank, 0, local_size - 1).reshape(num_queues, -1)
-  slot = jnp.take_along_axis(order, position, axis=1)  # [L, N * B]
-  picked = jnp.take_along_axis(embeddings, slot[..., None], axis=1)
-  picked = picked.reshape(num_queues, num_positives, batch, dim)
-  return jnp.where(mine[..., None], picked, jnp.zeros((), embeddings.dtype))
-
-
-def sample_semantic_positives(key, labels, queue: Queue, num_positives: int):
-  """Draws semantic positives: queue entries that share each image's (pseudo-)label.
-
-  For each queue ``l``, draw ``n`` and image ``i``, one entry of queue ``l`` is chosen uniformly
-  at random among the non-empty entries whose label equals ``labels[i]``. Algorithm (per
-  device, on its block of ``Ql = Q / devices`` slots; one block without a mesh):
-
-  1. stably sort the block's labels and binary-search every ``labels[i]``: the local matches of
-     ``labels[i]`` are a run of the sorted order, in slot order (``count_d[l, i]`` of them);
-  2. all-gather the ``[L, B]`` counts: their sum is the global number of matches
-     ``total[l, i]``, the sum over lower devices is this device's exclusive offset;
-  3. draw ``r[l, n, i]`` uniformly in ``[0, total[l, i])``: ``floor(u · total / 2^32)`` for
-     ``u = jax.random.bits(key, (L, N, B), uint32)``, in exact integer arithmetic: the same
-     numbers on every device and without a mesh;
-  4. the device whose offset range holds ``r`` gathers its ``(r - offset)``-th local match; a
-     ``psum`` over the integer bit patterns of the ``[L, N, B, D]`` block, which exactly one
-     device fills, assembles the result.
-
-  So draw ``(l, n, i)`` returns the ``r``-th matching entry of queue ``l`` in global slot order,
-  whatever the sharding: sharded and unsharded calls (eager or jitted) return identical bits.
-  Per device the cost is a sort of ``L × Ql`` labels, ``O(L × B × log Ql)`` searches, an
-  ``[L, N, B, D]`` gather and ``psum`` and an all-gather of ``[L, B]`` counts: nothing grows
-  with ``B × Q``. Draws for different ``(l, n, i)`` are independent; draws of the same image
-  may repeat an entry (sampling with replacement). The relative deviation from uniform is below
-  ``total / 2^32`` (step 3), negligible.
-
-  Args:
-    key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``); use a fresh one per step.
-    labels: int ``[B]``, the images' labels / pseudo-labels; ``-1`` (any negative value) = no
-      label, never matched.
-    queue: a :class:`~semppl_jax.queue.Queue` ``[L, Q, D]`` (sharded along ``Q`` on ``'data'``
-      under a mesh, ``Q`` a multiple of the axis size); empty slots (label ``-1``) are never
-      returned.
-    num_positives: ``N >= 1``, draws per image and queue.
-
-  Returns:
-    ``(embeddings, valid)``: float ``[L, N, B, D]`` in the queue's dtype (zeros where invalid)
-    and bool ``[L, N, B]``, ``False`` where no entry of queue ``l`` matches ``labels[i]``.
-  """
-  _check_queue(queue)
-  if jnp.ndim(labels) != 1:
-    raise ValueError(f"labels must have shape [B], got {jnp.shape(labels)}")
-  num_positives = _positive_int(num_positives, "num_positives")
-  targets = jnp.asarray(labels, jnp.int32)
-  embeddings = jnp.asarray(queue.embeddings)
-  queue_labels = jnp.asarray(queue.labels, jnp.int32)
-  size = embeddings.shape[1]
-  shards = ambient_data_axis_size()
-
-  if shards == 1:
-    order, first, count = _local_matches(queue_labels, targets)
-    rank = _draw_ranks(key, count, num_positives)
-    valid = jnp.broadcast_to((count > 0)[:, None, :], rank.shape)
-    return _pick_entries(embeddings, order, first, rank, valid), valid
-
-  if size % shards:
-    raise ValueError(f"queue size Q={size} must be a multiple of the mesh's 'data' axis size "
-                     f"{shards}")
-
-  def body(key, targets, embeddings, queue_labels):
-    me = lax.axis_index(DATA_AXIS)
-    order, first, count = _local_matches(queue_labels, targets)
-    counts = lax.all_gather(count, DATA_AXIS)  # [devices, L, B]
-    total = counts.sum(axis=0)
-    offset = jnp.where(jnp.arange(shards)[:, None, None] < me, counts, 0).sum(axis=0)
-    rank = _draw_ranks(key, total, num_positives) - offset[:, None, :]
-    mine = (rank >= 0) & (rank < count[:, None, :])
-    picked = _pick_entries(embeddings, order, first, rank, mine)
-    # Exactly one device sends each drawn entry, the others zeros. Summing the bit patterns as
-    # integers keeps every bit (a float sum would turn -0.0 into 0.0).
-    int_type = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[picked.dtype.itemsize]
-    bits = lax.psum(lax.bitcast_convert_type(picked, int_type), DATA_AXIS)
-    valid = jnp.broadcast_to((total > 0)[:, None, :], rank.shape)
-    return lax.bitcast_convert_type(bits, picked.dtype), valid
-
-  slots = P(None, DATA_AXIS)
-  return jax.shard_map(
-      body,
-      mesh=jax.sharding.get_abstract_mesh(),
-      in_specs=(P(), P(), slots, slots),
-      out_specs=(P(), P()),
-      check_vma=False,
-  )(key, targets, embeddings, queue_labels)
 
 
 def _norms(x, eps: float = 1e-12):
@@ -607,8 +424,8 @@ def weighted_knn_scores(queries, bank_embeddings, bank_labels, *, k: int, num_cl
   """
   _check_entries(queries, bank_embeddings, bank_labels, entries="bank_embeddings",
                  labels_name="bank_labels")
-  k = _positive_int(k, "k")
-  num_classes = _positive_int(num_classes, "num_classes")
+  k = positive_int(k, "k")
+  num_classes = positive_int(num_classes, "num_classes")
   if not float(temperature) > 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
   if isinstance(bank_labels, np.ndarray):

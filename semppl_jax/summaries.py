@@ -27,6 +27,8 @@ import numpy as np
 from semppl_jax import augmentations
 from semppl_jax import knn
 from semppl_jax import losses
+# Aliased: this module's own semantic_positives() would shadow the module.
+from semppl_jax import semantic_positives as semantic_positives_lib
 from semppl_jax import train
 
 matplotlib.use("Agg")  # Before pyplot: headless, deterministic rendering.
@@ -280,7 +282,7 @@ def semantic_positives(config: train.TrainConfig, state: train.TrainState,
   pseudo = knn.pseudo_labels(queries, state.queue, k=k, num_classes=config.num_classes)
   top = knn.top_k_entries(queries[0], state.queue.embeddings[0], state.queue.labels[0], k=k)
   labels_star = jnp.where(is_labelled, labels, pseudo)
-  drawn, valid = knn.sample_semantic_positives(
+  drawn, valid = semantic_positives_lib.sample_semantic_positives(
       k_sem, labels_star, state.queue, config.loss.num_semantic_positives)
   target, _ = nets.target.apply(state.target_params, state.target_state, None,
                                 flat(large[:1, : config.labelled_batch_size]), False)

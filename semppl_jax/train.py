@@ -38,6 +38,7 @@ from semppl_jax import networks
 from semppl_jax import optim
 from semppl_jax import parallel
 from semppl_jax import queue as queue_lib
+from semppl_jax import semantic_positives
 
 PyTree = Any
 
@@ -480,7 +481,8 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   labels_star = jnp.where(is_labelled, true_labels, pseudo)
   N = config.loss.num_semantic_positives
   if objective.semantic:
-    semantic, valid = knn.sample_semantic_positives(k_sem, labels_star, state.queue, N)
+    semantic, valid = semantic_positives.sample_semantic_positives(k_sem, labels_star,
+                                                                   state.queue, N)
   else:  # No semantic positives: all-invalid masks make both semantic terms exactly zero.
     semantic = jnp.zeros((L, N, B, online.shape[-1]), online.dtype)
     valid = jnp.zeros((L, N, B), bool)

@@ -18,6 +18,7 @@ from semppl_jax import knn
 from semppl_jax import losses
 from semppl_jax import parallel
 from semppl_jax import queue as queue_lib
+from semppl_jax import semantic_positives
 from semppl_jax import train
 
 NUM_CLASSES = 4
@@ -124,7 +125,8 @@ def _hand_assembled_loss(config, state, batch, key):
     is_labelled = np.zeros(B, bool)
     is_labelled[np.asarray(rows)] = True
     y_star = np.where(is_labelled, labels, np.asarray(pseudo))
-    semantic, valid = knn.sample_semantic_positives(k_sem, jnp.asarray(y_star), state.queue, 3)
+    semantic, valid = semantic_positives.sample_semantic_positives(k_sem, jnp.asarray(y_star),
+                                                                   state.queue, 3)
     assert np.all(np.asarray(valid))  # Every class is in the queue: no masking to mirror.
     l_sem, i_sem = terms([np.asarray(semantic)[l, s] for l in range(L) for s in range(3)])
     total += 0.3 * 0.2 * l_sem + 5.0 * i_sem
