@@ -7,14 +7,15 @@ One concern per module; every public name is re-exported here, so
 * :mod:`.unpickler`: the allow-list unpickler (:data:`ALLOWED_GLOBALS`), which never imports a
   module named by the file and bounds the memory / nesting a hostile file can make it use.
 * :mod:`.release`: the release ``.pkl`` format (:func:`load_released_checkpoint`,
-  :func:`verify_released_checkpoint`, :func:`export_release_checkpoint` ...).
+  :func:`verify_released_checkpoint`, :func:`expected_tree` ...).
+* :mod:`.export`: :func:`export_release_checkpoint`, the writer of that format.
 * :mod:`.training`: Orbax training checkpoints (:func:`save_state`, :func:`restore_latest`,
   :class:`OrbaxCheckpointer` for jaxline ...).
 """
 from semppl_jax.checkpointing.errors import CheckpointError
+from semppl_jax.checkpointing.export import export_release_checkpoint
 from semppl_jax.checkpointing.release import CheckpointReport
 from semppl_jax.checkpointing.release import expected_tree
-from semppl_jax.checkpointing.release import export_release_checkpoint
 from semppl_jax.checkpointing.release import load_released_checkpoint
 from semppl_jax.checkpointing.release import load_released_checkpoint_full
 from semppl_jax.checkpointing.release import ModuleTree
