@@ -66,6 +66,7 @@ def get_experiment_config(training_steps):
           width_multiplier=1,
           small_images=True,
           compute_dtype="float32",
+          remat="none",  # 'block' / 'group': recompute activations (ResNet-50 at paper scale)
           projector_hidden_size=512,
           projection_size=128,
           predictor_hidden_size=512,

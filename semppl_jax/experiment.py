@@ -91,6 +91,7 @@ def validate_config(config: config_dict.ConfigDict, *, num_devices: int,
   rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
   rules.integer(config, "network.width_multiplier", low=1)
   rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
+  rules.one_of(config, "network.remat", networks.REMAT_POLICIES)
   for field in ("projector_hidden_size", "projection_size", "predictor_hidden_size"):
     rules.integer(config, f"network.{field}", low=1)
   if rules.boolean(config, "network.small_images") and max(sizes) > 64:
@@ -168,7 +169,8 @@ def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.Train
           small_scale=tuple(v.small_scale), presets=presets),
       network=train.NetworkConfig(
           encoder=n.encoder, width_multiplier=n.width_multiplier, small_images=n.small_images,
-          compute_dtype=n.compute_dtype, projector_hidden_size=n.projector_hidden_size,
+          compute_dtype=n.compute_dtype, remat=n.remat,
+          projector_hidden_size=n.projector_hidden_size,
           projection_size=n.projection_size, predictor_hidden_size=n.predictor_hidden_size),
       loss=train.LossConfig(
           knn_k=s.knn_k, num_semantic_positives=s.num_semantic_positives,
@@ -206,6 +208,7 @@ class Experiment(mesh_experiment.MeshExperiment):
         in_shardings=(self._shardings, parallel.data_sharding(self._mesh), None),
         out_shardings=(self._shardings, None), donate_argnums=(0,))
     self._embed = None
+    self._prefetched = None  # (step, global batch) built while the previous step ran.
 
   def _state_tree(self) -> Dict[str, Any]:
     return self._train_state.to_dict()
@@ -236,12 +239,23 @@ class Experiment(mesh_experiment.MeshExperiment):
     """One training step; returns its metrics as device scalars (nothing is fetched)."""
     del rng, writer  # Keys are fold_in(root, step).
     step = mesh_experiment.as_int(global_step)
-    batch = parallel.host_local_to_global(self._data.train_batch(step), self._mesh)
+    batch = self._global_batch(step)
     key = jax.random.fold_in(self._root_key, step)
     with jax.set_mesh(self._mesh):
       self._train_state, metrics = self._train_step(self._train_state, batch, key)
+    # Device prefetch: the call above only dispatched step k, so step k + 1's batch is read and
+    # its (asynchronous) transfer started while step k runs.
+    if step + 1 < self.config.training_steps:
+      self._prefetched = (step + 1, self._global_batch(step + 1))
     self._remember(metrics)
     return metrics
+
+  def _global_batch(self, step: int) -> Dict[str, jax.Array]:
+    """Step ``step``'s global batch: the prefetched one, or read and placed now."""
+    prefetched, self._prefetched = self._prefetched, None
+    if prefetched is not None and prefetched[0] == step:
+      return prefetched[1]
+    return parallel.host_local_to_global(self._data.train_batch(step), self._mesh)
 
   def _evaluate_at_end(self) -> bool:
     return self.config.evaluate_at_end

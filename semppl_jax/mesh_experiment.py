@@ -138,9 +138,12 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
         else:
           rate = (done - start_step - 1) / max(time.time() - t0, 1e-9)
           speed = f"{rate:.2f} steps/s | ETA {format_duration((total - done) / rate)}"
-        # The only host fetch of the step's metrics: at the log interval.
+        # The only host fetch of the step's metrics: at the log interval (allowed explicitly,
+        # so a run under jax.transfer_guard_device_to_host('disallow') fetches nothing else).
+        with jax.transfer_guard_device_to_host("allow"):
+          scalars = jax.device_get(metrics)
         say(f"[{self._PROGRESS_PREFIX}] step {done}/{total} | {speed} | "
-            f"{self._progress(jax.device_get(metrics))}")
+            f"{self._progress(scalars)}")
       self._after_step(done, writer)
     if self._evaluate_at_end():
       results = self.evaluate(global_step=state.global_step, rng=None, writer=writer)

@@ -56,6 +56,10 @@ _RESNET_CONFIGS = {
 _TINY_CONFIG = ((1, 1), False, (16, 32), (False, True))
 _TINY_STEM_CHANNELS = 16
 
+# Rematerialisation of the residual torso: keep every activation ('none'), or keep only each
+# block's (or each block group's) input and recompute its inside during the backward pass.
+REMAT_POLICIES: tuple[str, ...] = ("none", "block", "group")
+
 
 def _merged_bn_config(bn_config: Mapping[str, Any] | None) -> dict[str, Any]:
   """Defaults overridden by ``bn_config``; validated so errors name the argument."""
@@ -93,6 +97,12 @@ def _check_compute_dtype(compute_dtype: Any) -> jnp.dtype:
     raise ValueError(
         f"compute_dtype must be a floating dtype (float32 or bfloat16), got {dtype}")
   return dtype
+
+
+def _check_remat(remat: Any) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
+  return remat
 
 
 def _check_images(images: jax.Array) -> None:
@@ -271,8 +281,9 @@ class _BlockGroup(hk.Module):
   """A stack of blocks; the first carries the stride and (optionally) the projection."""
 
   def __init__(self, num_blocks: int, stride: int, use_projection: bool,
-               make_block: Callable[..., hk.Module], name: str):
+               make_block: Callable[..., hk.Module], name: str, remat_blocks: bool = False):
     super().__init__(name=name)
+    self._remat_blocks = remat_blocks
     # Blocks are built here (in __init__) so their names read `block_group_i/~/block_b`.
     self._blocks = [
         make_block(stride=stride if b == 0 else 1, use_projection=use_projection and b == 0,
@@ -282,7 +293,10 @@ class _BlockGroup(hk.Module):
 
   def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
     for block in self._blocks:
-      x = block(x, is_training)
+      if self._remat_blocks:
+        x = hk.remat(lambda y, block=block: block(y, is_training))(x)
+      else:
+        x = block(x, is_training)
     return x
 
 
@@ -293,9 +307,11 @@ class _ResNet(hk.Module):
                channels_per_group: Sequence[int], use_projection: Sequence[bool],
                stem_channels: int, num_classes: int | None,
                bn_config: Mapping[str, Any] | None, resnet_v2: bool, width_multiplier: int,
-               small_images: bool, compute_dtype: Any, sk_ratio: float, name: str | None):
+               small_images: bool, compute_dtype: Any, sk_ratio: float, name: str | None,
+               remat: str = "none"):
     super().__init__(name=name)
     wm = _check_width(width_multiplier)
+    self._remat = _check_remat(remat)
     self._num_classes = _check_num_classes(num_classes)
     self._compute_dtype = _check_compute_dtype(compute_dtype)
     self._resnet_v2 = bool(resnet_v2)
@@ -330,7 +346,7 @@ class _ResNet(hk.Module):
     self._groups = [
         _BlockGroup(num_blocks=n, stride=1 if i == 0 else 2, use_projection=proj,
                     make_block=functools.partial(make_block, c),
-                    name=f"block_group_{i}")
+                    name=f"block_group_{i}", remat_blocks=self._remat == "block")
         for i, (n, c, proj) in enumerate(zip(blocks_per_group, channels, use_projection))
     ]
     if self._resnet_v2:
@@ -365,7 +381,10 @@ class _ResNet(hk.Module):
         out = hk.max_pool(out, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1),
                           padding="SAME")
       for group in self._groups:
-        out = group(out, is_training)
+        if self._remat == "group":
+          out = hk.remat(lambda x, group=group: group(x, is_training))(out)
+        else:
+          out = group(out, is_training)
       if self._resnet_v2:
         out = jax.nn.relu(_batch_norm(self._final_bn, out, is_training))
       pooled = jnp.mean(out.astype(jnp.float32), axis=(1, 2))
@@ -382,7 +401,7 @@ class _StandardResNet(_ResNet):
   def __init__(self, num_classes: int | None = None,
                bn_config: Mapping[str, Any] | None = None, resnet_v2: bool = False,
                width_multiplier: int = 1, name: str | None = None, small_images: bool = False,
-               compute_dtype: Any = jnp.float32):
+               compute_dtype: Any = jnp.float32, remat: str = "none"):
     """Builds the encoder.
 
     Called as ``module(images, is_training)``: ``images`` float ``[B, H, W, C]`` -> float32
@@ -401,13 +420,17 @@ class _StandardResNet(_ResNet):
       small_images: 3x3 stride-1 first conv and no max-pool, for 28-32 px inputs.
       compute_dtype: dtype of conv/linear compute (float32 or bfloat16); parameters and
         BatchNorm statistics stay float32, outputs are float32.
+      remat: one of ``REMAT_POLICIES``: ``'none'`` keeps every activation for the backward
+        pass; ``'block'`` (``'group'``) keeps only each residual block's (block group's) input
+        and recomputes the rest in the backward pass (``hk.remat``): less activation memory
+        for about one more forward pass of compute. Outputs and gradients are unchanged.
     """
     blocks, bottleneck, chans, proj = _RESNET_CONFIGS[self._DEPTH]
     super().__init__(
         blocks_per_group=blocks, bottleneck=bottleneck, channels_per_group=chans,
         use_projection=proj, stem_channels=64, num_classes=num_classes, bn_config=bn_config,
         resnet_v2=resnet_v2, width_multiplier=width_multiplier, small_images=small_images,
-        compute_dtype=compute_dtype, sk_ratio=0.0, name=name)
+        compute_dtype=compute_dtype, sk_ratio=0.0, name=name, remat=remat)
 
 
 class ResNet18(_StandardResNet):
@@ -448,7 +471,8 @@ class _SKResNet(_ResNet):
   def __init__(self, num_classes: int | None = None,
                bn_config: Mapping[str, Any] | None = None, width_multiplier: int = 1,
                name: str | None = None, small_images: bool = False,
-               compute_dtype: Any = jnp.float32, sk_ratio: float = DEFAULT_SK_RATIO):
+               compute_dtype: Any = jnp.float32, sk_ratio: float = DEFAULT_SK_RATIO,
+               remat: str = "none"):
     """Builds the encoder.
 
     Bottleneck blocks whose 3x3 conv is a selective-kernel conv, a ResNet-D stem (three 3x3
@@ -466,6 +490,7 @@ class _SKResNet(_ResNet):
       compute_dtype: conv/linear compute dtype (float32 or bfloat16); params stay float32.
       sk_ratio: attention bottleneck ratio; the attention width is
         ``max(int(inner_channels * sk_ratio), 32)``.
+      remat: one of ``REMAT_POLICIES`` (see ``_StandardResNet``).
     """
     if isinstance(sk_ratio, bool) or not isinstance(sk_ratio, (int, float)) or sk_ratio <= 0:
       raise ValueError(f"sk_ratio must be a float > 0, got {sk_ratio!r}")
@@ -474,7 +499,7 @@ class _SKResNet(_ResNet):
         blocks_per_group=blocks, bottleneck=True, channels_per_group=chans,
         use_projection=proj, stem_channels=64, num_classes=num_classes, bn_config=bn_config,
         resnet_v2=False, width_multiplier=width_multiplier, small_images=small_images,
-        compute_dtype=compute_dtype, sk_ratio=float(sk_ratio), name=name)
+        compute_dtype=compute_dtype, sk_ratio=float(sk_ratio), name=name, remat=remat)
 
 
 class SKResNet50(_SKResNet):
@@ -502,13 +527,14 @@ class TinyResNet(_ResNet):
   def __init__(self, num_classes: int | None = None,
                bn_config: Mapping[str, Any] | None = None, resnet_v2: bool = False,
                width_multiplier: int = 1, name: str | None = None, small_images: bool = False,
-               compute_dtype: Any = jnp.float32):
+               compute_dtype: Any = jnp.float32, remat: str = "none"):
     blocks, bottleneck, chans, proj = _TINY_CONFIG
     super().__init__(
         blocks_per_group=blocks, bottleneck=bottleneck, channels_per_group=chans,
         use_projection=proj, stem_channels=_TINY_STEM_CHANNELS, num_classes=num_classes,
         bn_config=bn_config, resnet_v2=resnet_v2, width_multiplier=width_multiplier,
-        small_images=small_images, compute_dtype=compute_dtype, sk_ratio=0.0, name=name)
+        small_images=small_images, compute_dtype=compute_dtype, sk_ratio=0.0, name=name,
+        remat=remat)
 
 
 class MLP(hk.Module):
@@ -593,19 +619,20 @@ def _lookup(name: str) -> tuple[type, int]:
 
 def make_encoder(name: str, *, width_multiplier: int = 1, small_images: bool = False,
                  compute_dtype: Any = jnp.float32,
-                 bn_config: Mapping[str, Any] | None = None) -> _ResNet:
+                 bn_config: Mapping[str, Any] | None = None, remat: str = "none") -> _ResNet:
   """Builds an encoder by name (one of ``ENCODER_NAMES``); call inside a Haiku transform.
 
   The module keeps its default Haiku name (e.g. ``res_net50``), so parameters match the
   release. It is called as ``encoder(images [B, H, W, C] float, is_training)`` and returns
-  float32 ``[B, embedding_size(name, width_multiplier)]``.
+  float32 ``[B, embedding_size(name, width_multiplier)]``. ``remat`` (one of
+  ``REMAT_POLICIES``) trades recomputation for activation memory (``_StandardResNet``).
 
   Raises:
     ValueError: unknown ``name`` (the message lists the allowed names) or bad arguments.
   """
   cls, _ = _lookup(name)
   return cls(bn_config=bn_config, width_multiplier=width_multiplier,
-             small_images=small_images, compute_dtype=compute_dtype)
+             small_images=small_images, compute_dtype=compute_dtype, remat=remat)
 
 
 def embedding_size(name: str, width_multiplier: int = 1) -> int:

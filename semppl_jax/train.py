@@ -92,6 +92,7 @@ class NetworkConfig:
   width_multiplier: int = 1
   small_images: bool = False
   compute_dtype: str = "float32"
+  remat: str = "none"  # networks.REMAT_POLICIES: recompute activations per block / group.
   projector_hidden_size: int = 4096
   projection_size: int = 256
   predictor_hidden_size: int = 4096
@@ -194,7 +195,8 @@ def encoder_fn(network: NetworkConfig):
   """``images, is_training -> embedding`` (to be called inside a Haiku transform)."""
   return networks.make_encoder(network.encoder, width_multiplier=network.width_multiplier,
                                small_images=network.small_images,
-                               compute_dtype=compute_dtype(network.compute_dtype))
+                               compute_dtype=compute_dtype(network.compute_dtype),
+                               remat=network.remat)
 
 
 def build_networks(network: NetworkConfig, num_classes: int) -> Networks:
