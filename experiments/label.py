@@ -157,21 +157,31 @@ def load_encoder(path: str, *, architecture: Optional[str] = None,
       + "\n  ".join(diffs[:10]))
 
 
-def embed_fn(encoder: Encoder, image_size: int, mesh):
-  """Jitted ``images [b, H, W, C] -> l2-normalised embeddings [b, F]`` (inference mode; the
-  whole image resized to ``image_size``), sharded along the batch."""
+def make_embedder(architecture: str, width_multiplier: int, small_images: bool,
+                  image_size: int, mesh):
+  """Jitted ``(params, state, images [b, H, W, C]) -> l2-normalised embeddings [b, F]``
+  (inference mode; the whole image resized to ``image_size``), sharded along the batch. Takes
+  the weights as arguments, so new weights (e.g. during training) reuse the compilation."""
   model = hk.transform_with_state(lambda x: networks.make_encoder(
-      encoder.architecture, width_multiplier=encoder.width_multiplier,
-      small_images=encoder.small_images)(x, is_training=False))
-  replicated = parallel.replicated_sharding(mesh)
-  params, state = jax.device_put((encoder.params, encoder.state), replicated)
+      architecture, width_multiplier=width_multiplier, small_images=small_images)(
+          x, is_training=False))
 
-  def embed(images):
+  def embed(params, state, images):
     embeddings, _ = model.apply(params, state, None, evaluation.eval_view(images, image_size))
     return losses.l2_normalize(embeddings.astype(jnp.float32))
 
+  replicated = parallel.replicated_sharding(mesh)
   data = parallel.data_sharding(mesh)
-  return jax.jit(embed, in_shardings=data, out_shardings=data)
+  return jax.jit(embed, in_shardings=(replicated, replicated, data), out_shardings=data)
+
+
+def embed_fn(encoder: Encoder, image_size: int, mesh):
+  """``images -> embeddings`` of one :class:`Encoder` (see :func:`make_embedder`)."""
+  fn = make_embedder(encoder.architecture, encoder.width_multiplier, encoder.small_images,
+                     image_size, mesh)
+  params, state = jax.device_put((encoder.params, encoder.state),
+                                 parallel.replicated_sharding(mesh))
+  return lambda images: fn(params, state, images)
 
 
 def embed(fn, images: Images, mesh) -> np.ndarray:

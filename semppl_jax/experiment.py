@@ -442,6 +442,7 @@ class Experiment(mesh_experiment.MeshExperiment):
     """One image's large and small views; unlabelled anchors next to their semantic
     positives (``summaries.semantic_positives`` on the fixed summary batch)."""
     fn, batch, key = self._summary_inputs
+    start = time.time()
     with jax.transfer_guard("allow"):
       with jax.set_mesh(self._mesh):
         out = fn(self._train_state, batch, key)
@@ -456,6 +457,7 @@ class Experiment(mesh_experiment.MeshExperiment):
           summaries.semantic_positives_figure(out, self._class_names(),
                                               self.config.summaries.num_images))[None]
     writer.write_images(step, images)
+    mesh_experiment.say(f"[images@{step}] {', '.join(images)} | {time.time() - start:.2f} s")
 
   def _progress(self, scalars: Mapping[str, Any]) -> str:
     return " | ".join(f"{k} {float(scalars[k]):.4g}" for k in _PROGRESS_KEYS if k in scalars)

@@ -326,15 +326,22 @@ def semantic_positives_figure(summary: PositivesSummary,
     anchors = np.arange(min(max_rows, len(s.labels)))
   n_pos = s.positive_valid.shape[0]
   fig, axes = plt.subplots(len(anchors), 1 + n_pos, squeeze=False,
-                           figsize=(1.7 * (1 + n_pos), 1.9 * len(anchors)))
+                           figsize=(2.6 + 1.6 * n_pos, 1.9 * len(anchors)),
+                           gridspec_kw={"width_ratios": [1.6] + [1] * n_pos})
   large = to_uint8(s.large)
   for row, i in enumerate(anchors):
     ax = axes[row, 0]
     ax.imshow(large[0, i])
     pseudo, truth = int(s.pseudo_labels[i]), int(s.labels[i])
     verdict = "?" if truth < 0 or pseudo < 0 else ("\u2713" if pseudo == truth else "\u2717")
-    votes = ",".join(_name(int(v), class_names) for v in s.neighbour_labels[i])
-    ax.set_title(f"pseudo {_name(pseudo, class_names)} {verdict}\nkNN: {votes}", fontsize=7,
+    title = f"pseudo {_name(pseudo, class_names)} {verdict}"
+    if verdict == "\u2717":
+      title += f" (is {_name(truth, class_names)})"
+    # Neighbour labels as counts, most frequent first: "kNN 4 sneaker, 1 sandal".
+    found = [int(v) for v in s.neighbour_labels[i] if v >= 0]
+    counts = sorted({v: found.count(v) for v in found}.items(), key=lambda kv: -kv[1])
+    votes = ", ".join(f"{n} {_name(v, class_names)}" for v, n in counts) or "empty queue"
+    ax.set_title(f"{title}\nkNN {votes}", fontsize=7,
                  color="black" if verdict == "?" else ("green" if verdict == "\u2713"
                                                        else "red"))
     for n in range(n_pos):

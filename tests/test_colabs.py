@@ -1,17 +1,20 @@
-"""Executes the notebooks in colabs/ headless (nbclient) with small injected parameters.
+"""Executes the notebooks in colabs/ headless (nbclient) with small injected parameters, and
+checks that they are committed with the outputs colabs/build_notebooks.py produces.
 
 Each notebook runs in a fresh kernel of this interpreter (a kernelspec written to a temporary
 folder, so whatever `python` is on PATH does not matter) with one CPU device: the kernel's
-XLA_FLAGS is emptied, overriding conftest's 8 fake devices. The parameters cell (tagged
-`parameters`) is replaced by the test's values:
+XLA_FLAGS is emptied, overriding conftest's 8 fake devices. The install cell (tagged `install`)
+gets `PACKAGE_SOURCE` = this checkout (already importable: nothing is installed). The
+parameters cell (tagged `parameters`) is replaced by the test's values:
 
 * load_released_checkpoint.ipynb: a random ResNet-18 (plus a projector head) written locally in
   the release format with `export_release_checkpoint`, 32 px images; read from the local path,
   or downloaded from an HTTP server on localhost (no outside network);
-* train_on_your_data.ipynb: 4 steps of 8 + 24 Fashion-MNIST images, 16 px / 8 px views
-  (skipped without Debian's dataset-fashion-mnist).
+* train_on_your_data.ipynb: example folders of 2 labelled images per class and 40 unlabelled
+  Fashion-MNIST images, 4 steps of 8 + 24 images, 16 px / 8 px views (skipped without Debian's
+  dataset-fashion-mnist).
 """
-import ast
+import csv
 import functools
 import http.server
 import json
@@ -65,6 +68,11 @@ def kernel_dir(tmp_path_factory):
 def _execute(name, parameters, kernel_dir):
   """Runs colabs/<name> with its parameters cell replaced; returns the executed notebook."""
   nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
+  install = [c for c in nb.cells if "install" in c.metadata.get("tags", [])]
+  assert len(install) == 1 and nb.cells[0] is install[0], f"{name}: the first cell installs"
+  assert install[0].source.count("\nPACKAGE_SOURCE = ''\n") == 1
+  install[0].source = install[0].source.replace("\nPACKAGE_SOURCE = ''\n",
+                                                f"\nPACKAGE_SOURCE = {REPO_ROOT!r}\n")
   params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
   assert len(params) == 1, f"{name}: expected exactly one cell tagged 'parameters'"
   params[0].source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
@@ -95,13 +103,26 @@ def _num_pngs(nb):
              for cell in nb.cells for out in cell.get("outputs", []))
 
 
-def test_notebooks_are_committed_without_outputs():
-  for name in ("load_released_checkpoint.ipynb", "train_on_your_data.ipynb"):
-    nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
-    nbformat.validate(nb)
-    for cell in nb.cells:
-      if cell.cell_type == "code":
-        assert cell.outputs == [] and cell.execution_count is None, name
+@pytest.mark.parametrize("name, min_pngs", [("load_released_checkpoint.ipynb", 3),
+                                             ("train_on_your_data.ipynb", 4)])
+def test_notebooks_are_committed_with_outputs(name, min_pngs):
+  """Executed top to bottom without errors by colabs/build_notebooks.py, pictures included,
+  with the note on how the outputs were made and no build-only cell or temporary path left."""
+  nb = nbformat.read(os.path.join(COLABS, name), as_version=4)
+  nbformat.validate(nb)
+  tags = [set(c.metadata.get("tags", [])) for c in nb.cells]
+  assert "install" in tags[0] and sum("parameters" in t for t in tags) == 1
+  assert not any("injected-parameters" in t for t in tags)
+  notes = [c for c, t in zip(nb.cells, tags) if "outputs-note" in t]
+  assert len(notes) == 1 and "colabs/build_notebooks.py" in notes[0].source
+  counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+  # Every cell ran, in order (a gap: the injected-parameters cell, removed after the run).
+  assert None not in counts and counts == sorted(set(counts)), counts
+  assert not any(o.output_type == "error" for c in nb.cells for o in c.get("outputs", []))
+  assert _num_pngs(nb) >= min_pngs
+  text = _text(nb)
+  assert "nothing to install" in text and "runtime: cpu" in text
+  assert "/tmp/" not in text and REPO_ROOT not in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +173,7 @@ def _nb1_parameters(path, output_dir, architecture="resnet18"):
   return dict(CHECKPOINT_URL="", CHECKPOINT_PATH=path, ARCHITECTURE=architecture,
               WIDTH_MULTIPLIER=1, SMALL_IMAGES=False, IMAGE_SIZE=32,
               CACHE_DIR=str(output_dir), FASHION_MNIST_DIR=fashion_mnist.DEFAULT_DATA_DIR,
+              FASHION_MNIST_DOWNLOAD=False,
               PROBE_TRAIN_PER_CLASS=5, PROBE_TEST_PER_CLASS=5, BATCH_SIZE=32,
               OUTPUT_DIR=str(output_dir))
 
@@ -212,7 +234,11 @@ def test_load_released_checkpoint_notebook(release_file, release_url, kernel_dir
   assert re.search(r"Nearest neighbour from the same source/class: \d+% of "
                    f"{10 if fashion_mnist_installed else 5} queries", text)
   assert os.path.getsize(tmp_path / "nearest_neighbours.png") > 0
-  assert _num_pngs(nb) >= 2  # sample images, neighbour grid
+  assert os.path.getsize(tmp_path / "embeddings_pca.png") > 0
+  assert re.search(f"PCA: {n_gallery} embeddings, the first two components keep "
+                   r"\d+\.\d% of the variance", text)
+  assert _num_pngs(nb) >= 3  # sample images, neighbour grid, PCA map
+  assert "nothing to install" in text
 
   num_classes = 10 if fashion_mnist_installed else 5
   assert (f"{num_classes} classes, {5 * num_classes} labelled / {5 * num_classes} held-out "
@@ -243,35 +269,48 @@ def test_load_released_checkpoint_notebook_stops_on_wrong_architecture(
 @pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="dataset-fashion-mnist not installed")
 def test_train_on_your_data_notebook(kernel_dir, tmp_path):
   steps = 4
+  out = tmp_path / "out"
   parameters = dict(
-      TRAINING_STEPS=steps, LABELLED_BATCH_SIZE=8, UNLABELLED_BATCH_SIZE=24, LABEL_PERCENT=1,
-      LARGE_VIEW_SIZE=16, SMALL_VIEW_SIZE=8, NUM_SMALL_VIEWS=2, QUEUE_SIZE=64,
-      OBJECTIVE="semppl", EVAL_BATCH_SIZE=1000, LOG_EVERY=2, OUTPUT_DIR=str(tmp_path))
+      LABELLED_DIR=None, UNLABELLED_DIR=None, TEST_DIR=None, EXAMPLE_DIR=str(tmp_path / "data"),
+      FASHION_MNIST_DIR=fashion_mnist.DEFAULT_DATA_DIR, LABELLED_PER_CLASS=2,
+      UNLABELLED_IMAGES=40, TEST_PER_CLASS=2, IMAGE_SIZE=16, TRAINING_STEPS=steps,
+      LABELLED_BATCH_SIZE=8, UNLABELLED_BATCH_SIZE=24, LARGE_VIEW_SIZE=16, SMALL_VIEW_SIZE=8,
+      NUM_SMALL_VIEWS=1, QUEUE_SIZE=64, OBJECTIVE="semppl", PSEUDO_LABEL_EVERY=2, KNN_K=3,
+      LOG_EVERY=2, OUTPUT_DIR=str(out))
   nb = _execute("train_on_your_data.ipynb", parameters, kernel_dir)
   text = _text(nb)
 
-  assert "1 device(s); 4 steps of 8 labelled + 24 unlabelled images" in text
-  for step in (1, 2, 4):
-    assert f"step {step:4d}/{steps}" in text
-  recorded = re.search(r"recorded: (.*)", text).group(1).split(", ")
-  for name in ("loss", "augm_contrastive", "semantic_contrastive", "augm_invariance",
-               "semantic_invariance", "probe_loss", "pseudo_label_accuracy", "queue_fill"):
-    assert name in recorded
-  assert re.search(r"pseudo-label accuracy over the last 1 steps: \d+\.\d%", text)
-  assert os.path.getsize(tmp_path / "training_curves.png") > 0
-  assert _num_pngs(nb) >= 1
+  # The example folders.
+  data = tmp_path / "data"
+  assert sorted(os.listdir(data)) == ["labelled", "test", "unlabelled"]
+  assert len(os.listdir(data / "labelled")) == 10
+  assert all(len(os.listdir(data / "labelled" / d)) == 2 for d in os.listdir(data / "labelled"))
+  unlabelled = sorted(os.listdir(data / "unlabelled"))
+  assert len(unlabelled) == 40
+  assert "20 labelled images in 10 classes" in text and "40 unlabelled images" in text
+  assert "1 device(s); 4 steps of 8 labelled + 24 unlabelled images; tiny_resnet" in text
 
-  results = ast.literal_eval(re.search(r"evaluation: (\{.*\})", text).group(1))
-  # The training monitors come with the evaluation when steps were run through .step().
-  assert set(results) == {"probe_top1", "knn_top1_k20", "knn_top1_k200", "queue_knn_top1",
-                          "train_pseudo_label_accuracy", "train_semantic_positive_purity",
-                          "global_step"}
-  assert results["global_step"] == steps
-  assert all(0.0 <= results[k] <= 1.0 for k in results if k != "global_step")
+  # Pseudo-label accuracy at step 0 (random encoder) and every 2 steps.
+  seen = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+      r"step +(\d+): kNN pseudo-label accuracy +(\d+\.\d)%", text)}
+  assert sorted(seen) == [0, 2, 4] and all(0 <= v <= 100 for v in seen.values())
+  summary = re.search(r"pseudo-label accuracy: (\d+\.\d)% at step 0 -> (\d+\.\d)% at step 4",
+                      text)
+  assert summary and float(summary.group(2)) == seen[4]
+  assert os.path.getsize(out / "pseudo_label_accuracy.png") > 0
+
+  # Every unlabelled file labelled, with a class of the labelled folder.
+  with open(out / "labels.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r["file"] for r in rows) == unlabelled
+  classes = sorted(os.listdir(data / "labelled"))
+  assert all(r["predicted_class"] in classes and 0 < float(r["vote_share"]) <= 1 for r in rows)
+  assert all(r["nearest_labelled_file"].split("/")[0] in classes for r in rows)
+  assert re.search(r"accuracy \d+\.\d% on all 40 images", text)
+  assert os.path.getsize(out / "labelled_examples.png") > 0
+  assert _num_pngs(nb) >= 4  # labelled grid, curves, labelled examples, confusion matrix
 
   # The exported encoder reads back in the release format and matches tiny_resnet.
-  assert "tiny_resnet x1 (encoder scope 'tiny_res_net', step 4)" in text
   assert "names and shapes match" in text
-  ckpt = checkpointing.load_released_checkpoint_full(tmp_path / "semppl_fashion_mnist.pkl")
+  ckpt = checkpointing.load_released_checkpoint_full(out / "semppl_encoder.pkl")
   assert ckpt.architecture == "tiny_resnet" and ckpt.step == steps
-  assert sorted({m.split("/", 1)[0] for m in ckpt.head_params}) == ["predictor", "projector"]

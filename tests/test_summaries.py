@@ -248,7 +248,8 @@ def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
   c = "--config.experiment_kwargs.config"
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "launch.py"), f"--config={TINY_CONFIG}",
-       f"{c}.evaluation.every_steps=2", f"{c}.summaries.images_every_steps=2"],
+       f"{c}.evaluation.every_steps=2", f"{c}.summaries.images_every_steps=2",
+       f"{c}.summaries.plots=True"],
       env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
   stdout = out.stdout
@@ -259,6 +260,8 @@ def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
     line = next(l for l in stdout.splitlines() if l.startswith(f"[eval@{step}]"))
     assert "| 256 test images |" in line, line
     printed[step] = float(line.split("top-1 (k=5) ")[1].split("%")[0])
+  for step in (2, 4):
+    assert f"[images@{step}] views/large_and_small, semantic_positives | " in stdout
   plots = tmp_path / "plots"
   for name in summaries.PLOT_FILES:
     assert f"{plots / name}" in stdout

@@ -31,10 +31,12 @@ def get_config():
   c.evaluation.batch_size = 256
   c.evaluation.knn_ks = (5,)
   c.evaluation.max_examples = 512
-  # Periodic evaluation and image summaries off (tests/test_summaries.py turns them on).
+  # Periodic evaluation, image summaries and end-of-run plots off (tests/test_summaries.py
+  # turns them on).
   c.evaluation.every_steps = 0
   c.evaluation.subset = 256
   c.summaries.images_every_steps = 0
   c.summaries.num_images = 4
+  c.summaries.plots = False
   c.log_every_steps = 1
   return config
