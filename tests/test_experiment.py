@@ -6,7 +6,6 @@ CPU devices, with the tiny config in tests/configs. Config validation is tested 
 import copy
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -15,39 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semppl_jax import checkpointing
 from semppl_jax import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_CONFIG = os.path.join(ROOT, "tests", "configs", "tiny_fashion_mnist.py")
+from launch_util import ROOT
+from launch_util import final_module_state as _final_module_state
+from launch_util import launch as _launch
+from launch_util import saved_steps as _saved_steps
+
 sys.path.insert(0, os.path.join(ROOT, "tests", "configs"))
 import tiny_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _launch(run_dir, num_devices, *overrides, wait=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", SEMPPL_TEST_RUN_DIR=str(run_dir),
-             PYTHONUNBUFFERED="1")
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "launch.py"),
-         f"--config={TINY_CONFIG}", *overrides]
-  if not wait:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
-  return out.stdout
-
-
-def _final_module_state(run_dir):
-  """(global step, experiment-module snapshot) of the newest 'latest' checkpoint, as numpy."""
-  return checkpointing.read_experiment_snapshot(os.path.join(run_dir, "checkpoints"))
-
-
-def _saved_steps(run_dir):
-  directory = os.path.join(run_dir, "checkpoints", "latest")
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
 def _check_trained_and_evaluated(stdout, run_dir, steps):
@@ -105,9 +80,9 @@ def _config():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("data.labelled_batch_size", 12, r"data.labelled_batch_size: 12 is not a multiple of the "
-     r"global number of devices \(8\)"),
-    ("data.unlabelled_batch_size", 4, "data.unlabelled_batch_size: 4 is not a multiple"),
+    ("data.labelled_batch_size", 12, r"data.labelled_batch_size: 12 is not divisible by the "
+     r"number of devices \(8\) and of processes \(1\); use a multiple of 8"),
+    ("data.unlabelled_batch_size", 4, "data.unlabelled_batch_size: 4 is not divisible"),
     ("data.labelled_batch_size", 0, r"data.labelled_batch_size: must be in \[1, inf\], got 0"),
     ("data.labelled_batch_size", 72, r"queue.size: 64 is smaller than the labelled items "
      r"written per step \(data.labelled_batch_size=72\)"),
@@ -129,8 +104,8 @@ def _config():
     ("evaluation.knn_ks", (), "evaluation.knn_ks: must be a non-empty tuple of ints >= 1"),
     ("evaluation.max_examples", -5, r"evaluation.max_examples: must be in \[0, inf\], got -5"),
     ("evaluation.knn_temperature", 0.0, r"evaluation.knn_temperature: must be in \(0.0"),
-    ("evaluation.batch_size", 100, "evaluation.batch_size: 100 is not a multiple of the global "
-     "number of devices"),
+    ("evaluation.batch_size", 100, "evaluation.batch_size: 100 is not divisible by the number "
+     "of devices"),
     ("views.blur_probability", (1.5, 0.1), r"views.blur_probability.0: must be in \[0.0, 1.0\]"),
 ])
 def test_config_validation_names_field_and_allowed_values(field, value, message):
@@ -152,7 +127,8 @@ def test_labels_outside_num_classes_are_rejected():
   config = _config()
   config.data.num_classes = 5
   with pytest.raises(ValueError, match=r"config.data.num_classes.*must lie in \[0, 5\)"):
-    experiment.DataSource(config.data, config.evaluation)
+    experiment.DataSource(config.data, config.evaluation, experiment.Views(
+        num_large=2, large_size=16, large_scale=(0.08, 1.0)))
 
 
 @pytest.fixture(scope="module")
