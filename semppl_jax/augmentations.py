@@ -1,4 +1,5 @@
-"""View generation and photometric augmentations: pure JAX functions of ``(images, key)``.
+"""View generation (crops, flip, the per-view photometric chain): pure JAX functions of
+``(images, key)``.
 
 Every public function takes a batch of images ``float [B, H, W, C]`` (NHWC, values in [0, 1],
 ``C`` in {1, 3}) and a PRNG key, and returns ``float32 [B, H', W', 3]``:
@@ -13,12 +14,11 @@ Every public function takes a batch of images ``float [B, H, W, C]`` (NHWC, valu
   Python values, i.e. static under ``jax.jit``;
 * the same key gives the same output.
 
-The photometric operations are BYOL's, i.e. ``tf.image``'s, computed with ``dm_pix``:
-brightness adds a delta (``tf.image.adjust_brightness``), contrast scales each channel around
-its mean over the image (``tf.image.adjust_contrast``), saturation scales the HSV saturation
-(``tf.image.adjust_saturation``), hue rotates the HSV hue (``tf.image.adjust_hue``), grayscale
-is Rec. 601 luma (``tf.image.rgb_to_grayscale``), blur is a separable Gaussian with zero
-('SAME') padding and solarize inverts pixels at or above the threshold.
+This module holds the geometry (``random_resized_crop``, ``random_flip``), ``normalize``, the
+view presets and the view chains. The photometric operations (``color_jitter``,
+``random_grayscale``, ``gaussian_blur``, ``solarize``, ``default_blur_kernel_size``: BYOL's,
+i.e. ``tf.image``'s, computed with ``dm_pix``) live in :mod:`semppl_jax.photometric` and are
+re-exported here, so ``augmentations.color_jitter`` etc. keep working.
 
 The chain for one view (DESIGN.md §2) is ``random_resized_crop`` followed by
 ``augment_view`` = flip → colour jitter → grayscale → blur → solarize, with the two BYOL
@@ -36,6 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from semppl_jax import image_batch
+from semppl_jax import photometric
+# The photometric operations, re-exported so that ``augmentations.X`` keeps working.
+from semppl_jax.photometric import color_jitter as color_jitter
+from semppl_jax.photometric import default_blur_kernel_size as default_blur_kernel_size
+from semppl_jax.photometric import gaussian_blur as gaussian_blur
+from semppl_jax.photometric import random_grayscale as random_grayscale
+from semppl_jax.photometric import solarize as solarize
+
 # Per-channel RGB statistics of ImageNet, for ``normalize``.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,34 +52,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Candidate boxes tried per image before falling back to the central crop (as torchvision).
 _CROP_ATTEMPTS = 10
 
-_EXPECTED_IMAGES = "a floating array of shape [B, H, W, 1 or 3] (NHWC)"
 _EXPECTED_VIEWS = "a uint8 or floating array of shape [V, B, H, W, 1 or 3]"
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation helpers.
+# Validation of pre-cropped views (images: image_batch.prepare_images).
 # ---------------------------------------------------------------------------------------------
-
-
-def _prepare_images(images, name: str = "images") -> jax.Array:
-  """Validates NHWC float images with 1 or 3 channels; returns float32 [B, H, W, 3]."""
-  images = jnp.asarray(images)
-  if images.ndim != 4:
-    raise ValueError(
-        f"{name} must be {_EXPECTED_IMAGES}; got rank {images.ndim} with shape {images.shape}.")
-  if not jnp.issubdtype(images.dtype, jnp.floating):
-    raise ValueError(
-        f"{name} must be {_EXPECTED_IMAGES} with a float dtype; got dtype {images.dtype}.")
-  channels = images.shape[-1]
-  if channels not in (1, 3):
-    raise ValueError(
-        f"{name} must be {_EXPECTED_IMAGES}; got {channels} channels (shape {images.shape}).")
-  if images.shape[1] < 1 or images.shape[2] < 1:
-    raise ValueError(f"{name} must have H, W >= 1; got shape {images.shape}.")
-  images = images.astype(jnp.float32)
-  if channels == 1:
-    images = jnp.broadcast_to(images, images.shape[:3] + (3,))
-  return images
 
 
 def _prepare_views(views) -> jax.Array:
@@ -94,63 +81,6 @@ def _prepare_views(views) -> jax.Array:
     raise ValueError(f"views must have H, W >= 1; got shape {views.shape}.")
   views = views.astype(jnp.float32)
   return jnp.broadcast_to(views, views.shape[:4] + (3,))
-
-
-def _check_probability(value, name: str) -> float:
-  try:
-    value = float(value)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a Python float in [0, 1]; got {value!r}.") from e
-  if not 0.0 <= value <= 1.0:  # Also rejects NaN.
-    raise ValueError(f"{name} must be in [0, 1]; got {value}.")
-  return value
-
-
-def _check_nonnegative(value, name: str, upper: float = math.inf) -> float:
-  try:
-    value = float(value)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a Python float >= 0; got {value!r}.") from e
-  if not 0.0 <= value <= upper:  # Also rejects NaN.
-    bound = f"[0, {upper}]" if upper != math.inf else ">= 0"
-    raise ValueError(f"{name} must be {bound}; got {value}.")
-  return value
-
-
-def _check_range(value, name: str) -> Tuple[float, float]:
-  """A (low, high) pair of Python floats with 0 < low <= high < inf."""
-  try:
-    low, high = (float(v) for v in value)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{name} must be a pair (low, high) of floats; got {value!r}.") from e
-  if not 0.0 < low <= high < math.inf:
-    raise ValueError(f"{name} must satisfy 0 < low <= high; got {value!r}.")
-  return low, high
-
-
-def _check_size(value, name: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive int; got {value!r}.")
-  return int(value)
-
-
-def _image_uniforms(key: jax.Array, batch: int, num_uniforms: int) -> jax.Array:
-  """float32 [batch, num_uniforms] in [0, 1): row b is drawn from ``jax.random.split(key)[b]``."""
-  keys = jax.random.split(key, batch)
-  return jax.vmap(lambda k: jax.random.uniform(k, (num_uniforms,)))(keys)
-
-
-def _per_image(fn, images: jax.Array, key: jax.Array, num_uniforms: int) -> jax.Array:
-  """Maps ``fn(image [H, W, 3], u float32 [num_uniforms])`` over the batch.
-
-  Image ``b`` gets ``u = _image_uniforms(key, B, num_uniforms)[b]``.
-  """
-  return jax.vmap(fn)(images, _image_uniforms(key, images.shape[0], num_uniforms))
-
-
-def _between(u, low, high):
-  """Maps u in [0, 1) to [low, high)."""
-  return low + (high - low) * u
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +123,10 @@ def random_resized_crop(images, key, *, output_size: int, scale=(0.08, 1.0),
   Returns:
     float32 [B, output_size, output_size, 3] in [0, 1].
   """
-  images = _prepare_images(images)
-  output_size = _check_size(output_size, "output_size")
-  scale = _check_range(scale, "scale")
-  ratio = _check_range(ratio, "ratio")
+  images = image_batch.prepare_images(images)
+  output_size = image_batch.check_size(output_size, "output_size")
+  scale = image_batch.check_range(scale, "scale")
+  ratio = image_batch.check_range(ratio, "ratio")
   _, height, width, channels = images.shape
   fallback_h, fallback_w = _fallback_box(height, width, ratio)
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -204,8 +134,8 @@ def random_resized_crop(images, key, *, output_size: int, scale=(0.08, 1.0),
   def crop_one(image, u):
     area_u, ratio_u = u[:_CROP_ATTEMPTS], u[_CROP_ATTEMPTS:2 * _CROP_ATTEMPTS]
     top_u, left_u = u[2 * _CROP_ATTEMPTS], u[2 * _CROP_ATTEMPTS + 1]
-    area = _between(area_u, scale[0], scale[1]) * (height * width)
-    aspect = jnp.exp(_between(ratio_u, log_ratio[0], log_ratio[1]))
+    area = image_batch.between(area_u, scale[0], scale[1]) * (height * width)
+    aspect = jnp.exp(image_batch.between(ratio_u, log_ratio[0], log_ratio[1]))
     w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
     h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
     valid = (w >= 1) & (w <= width) & (h >= 1) & (h <= height)
@@ -226,7 +156,7 @@ def random_resized_crop(images, key, *, output_size: int, scale=(0.08, 1.0),
         image, (output_size, output_size, channels), spatial_dims=(0, 1), scale=box_scale,
         translation=translation, method="linear", antialias=True)
 
-  return jnp.clip(_per_image(crop_one, images, key, 2 * _CROP_ATTEMPTS + 2), 0.0, 1.0)
+  return jnp.clip(image_batch.per_image(crop_one, images, key, 2 * _CROP_ATTEMPTS + 2), 0.0, 1.0)
 
 
 def random_flip(images, key, *, probability: float = 0.5) -> jax.Array:
@@ -240,8 +170,8 @@ def random_flip(images, key, *, probability: float = 0.5) -> jax.Array:
   Returns:
     float32 [B, H, W, 3].
   """
-  images = _prepare_images(images)
-  return _flip(images, key, _check_probability(probability, "probability"))
+  images = image_batch.prepare_images(images)
+  return _flip(images, key, image_batch.check_probability(probability, "probability"))
 
 
 def _flip(images, key, probability):
@@ -251,219 +181,7 @@ def _flip(images, key, probability):
     # u in [0, 1): probability 0 never fires, probability 1 always does.
     return jnp.where(u[0] < probability, pix.flip_left_right(image), image)
 
-  return _per_image(flip_one, images, key, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Colour (dm_pix, tf.image semantics). Each op maps one image [H, W, 3] to [H, W, 3] in [0, 1].
-# ---------------------------------------------------------------------------------------------
-
-
-def _adjust_brightness(image, delta):
-  return jnp.clip(pix.adjust_brightness(image, delta), 0.0, 1.0)
-
-
-def _adjust_contrast(image, factor):
-  return jnp.clip(pix.adjust_contrast(image, factor), 0.0, 1.0)
-
-
-def _adjust_saturation(image, factor):
-  return jnp.clip(pix.adjust_saturation(image, factor), 0.0, 1.0)
-
-
-def _adjust_hue(image, delta):
-  return jnp.clip(pix.adjust_hue(image, delta), 0.0, 1.0)
-
-
-def color_jitter(images, key, *, brightness: float = 0.4, contrast: float = 0.4,
-                 saturation: float = 0.2, hue: float = 0.1,
-                 probability: float = 0.8) -> jax.Array:
-  """BYOL colour jitter: brightness, contrast, saturation, hue in a random order per image.
-
-  With the given probability an image gets all four operations, in an order drawn per image
-  (a uniformly random permutation), each followed by a clip to [0, 1]. The operations are
-  ``tf.image``'s (computed by ``dm_pix``):
-
-  * brightness: ``x + delta``, ``delta ~ U(-brightness, brightness)``
-    (``tf.image.adjust_brightness``);
-  * contrast: ``m_c + f (x - m_c)`` with ``m_c`` the mean of channel ``c`` over the image,
-    ``f ~ U(1 - contrast, 1 + contrast)`` (``tf.image.adjust_contrast``);
-  * saturation: the HSV saturation times ``f ~ U(1 - saturation, 1 + saturation)``, clipped to
-    [0, 1] (``tf.image.adjust_saturation``);
-  * hue: the HSV hue rotated by ``delta ~ U(-hue, hue)`` turns (``tf.image.adjust_hue``).
-
-  An operation whose strength is 0 is skipped.
-
-  Args:
-    images: float [B, H, W, C], C in {1, 3}, values in [0, 1]; C = 1 is broadcast to 3.
-    key: a PRNG key.
-    brightness: >= 0.
-    contrast: >= 0.
-    saturation: >= 0.
-    hue: in [0, 0.5].
-    probability: chance that an image is jittered, in [0, 1].
-
-  Returns:
-    float32 [B, H, W, 3] in [0, 1] (jittered images); untouched images are returned as given.
-  """
-  images = _prepare_images(images)
-  brightness = _check_nonnegative(brightness, "brightness")
-  contrast = _check_nonnegative(contrast, "contrast")
-  saturation = _check_nonnegative(saturation, "saturation")
-  hue = _check_nonnegative(hue, "hue", upper=0.5)
-  probability = _check_probability(probability, "probability")
-  return _jitter(images, key, brightness, contrast, saturation, hue, probability)
-
-
-# Uniforms per image drawn by colour jitter: [apply, brightness, contrast, saturation, hue,
-# 4 order keys].
-_JITTER_UNIFORMS = 9
-
-
-def _jitter_plan(u, brightness, contrast, saturation, hue):
-  """One image's jitter parameters from its uniforms ``u`` float32 [9].
-
-  Returns:
-    ``(apply_u, (brightness_delta, contrast_factor, saturation_factor, hue_delta), order)``:
-    the image is jittered iff ``apply_u < probability``; ``order`` int32 [4] is a permutation
-    of the op indices (0 brightness, 1 contrast, 2 saturation, 3 hue), applied first to last.
-  """
-  amounts = (_between(u[1], -brightness, brightness),
-             _between(u[2], 1.0 - contrast, 1.0 + contrast),
-             _between(u[3], 1.0 - saturation, 1.0 + saturation),
-             _between(u[4], -hue, hue))
-  # argsort of i.i.d. uniforms is a uniformly random permutation.
-  return u[0], amounts, jnp.argsort(u[5:9])
-
-
-def _jitter(images, key, brightness, contrast, saturation, hue, probability):
-  # Strengths and the probability may be traced (photometric_views vmaps them over views).
-
-  def unless_zero(strength, op):
-    # A zero-strength op is skipped, so that it does not even round.
-    return lambda x: jnp.where(strength > 0, op(x), x)
-
-  def jitter_one(image, u):
-    apply_u, (b_delta, c_factor, s_factor, h_delta), order = _jitter_plan(
-        u, brightness, contrast, saturation, hue)
-    ops = [
-        unless_zero(brightness, lambda x: _adjust_brightness(x, b_delta)),
-        unless_zero(contrast, lambda x: _adjust_contrast(x, c_factor)),
-        unless_zero(saturation, lambda x: _adjust_saturation(x, s_factor)),
-        unless_zero(hue, lambda x: _adjust_hue(x, h_delta)),
-    ]
-    # Position p applies op order[p]. A loop (not unrolled) keeps the compiled program small:
-    # under vmap the switch evaluates all four ops and selects per image.
-    jittered = jax.lax.fori_loop(
-        0, len(ops), lambda position, x: jax.lax.switch(order[position], ops, x), image)
-    return jnp.where(apply_u < probability, jittered, image)
-
-  return _per_image(jitter_one, images, key, _JITTER_UNIFORMS)
-
-
-def random_grayscale(images, key, *, probability: float = 0.2) -> jax.Array:
-  """Replaces each image, with the given probability, by its luma on all three channels.
-
-  Luma = 0.2989 R + 0.5870 G + 0.1140 B (Rec. 601, ``tf.image.rgb_to_grayscale``).
-
-  Args:
-    images: float [B, H, W, C], C in {1, 3}; C = 1 is broadcast to 3 (then luma = 0.9999 x).
-    key: a PRNG key.
-    probability: chance that an image is turned gray, in [0, 1].
-
-  Returns:
-    float32 [B, H, W, 3]; converted images have three equal channels.
-  """
-  images = _prepare_images(images)
-  return _grayscale(images, key, _check_probability(probability, "probability"))
-
-
-def _grayscale(images, key, probability):
-  def gray_one(image, u):
-    gray = pix.rgb_to_grayscale(image, keep_dims=True)
-    return jnp.where(u[0] < probability, gray, image)
-
-  return _per_image(gray_one, images, key, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Blur and solarize.
-# ---------------------------------------------------------------------------------------------
-
-
-def default_blur_kernel_size(height: int, width: int) -> int:
-  """Odd kernel side ~10 % of the image side: ``max(3, 2 * floor(0.05 * min(H, W)) + 1)``.
-
-  E.g. 23 for 224 px (as BYOL), 9 for 96 px, 3 for 32 px and below.
-  """
-  return max(3, 2 * int(0.1 * min(height, width) / 2) + 1)
-
-
-def gaussian_blur(images, key, *, probability: float, sigma_range=(0.1, 2.0),
-                  kernel_size=None) -> jax.Array:
-  """Separable Gaussian blur with a per-image ``sigma ~ U(sigma_range)``, applied with a
-  probability.
-
-  As BYOL (``dm_pix.gaussian_blur``): the kernel ``exp(-d^2 / (2 sigma^2))`` over
-  ``d = -r..r`` is normalised to sum 1 and convolved along H, then W, with zero ('SAME')
-  padding, so pixels within ``r`` of the border are darkened by the missing neighbours.
-
-  Args:
-    images: float [B, H, W, C], C in {1, 3}, values in [0, 1]; C = 1 is broadcast to 3.
-    key: a PRNG key.
-    probability: chance that an image is blurred, in [0, 1].
-    sigma_range: (low, high) of the standard deviation in pixels, 0 < low <= high.
-    kernel_size: odd int >= 1, the kernel side; None = ``default_blur_kernel_size(H, W)``.
-
-  Returns:
-    float32 [B, H, W, 3] in [0, 1].
-  """
-  images = _prepare_images(images)
-  probability = _check_probability(probability, "probability")
-  sigma_range = _check_range(sigma_range, "sigma_range")
-  _, height, width, _ = images.shape
-  if kernel_size is None:
-    kernel_size = default_blur_kernel_size(height, width)
-  kernel_size = _check_size(kernel_size, "kernel_size")
-  if kernel_size % 2 != 1:
-    raise ValueError(f"kernel_size must be an odd positive int; got {kernel_size}.")
-  return _blur(images, key, probability, sigma_range[0], sigma_range[1], kernel_size)
-
-
-def _blur(images, key, probability, sigma_low, sigma_high, kernel_size: int):
-  def blur_one(image, u):
-    sigma = _between(u[1], sigma_low, sigma_high)
-    blurred = pix.gaussian_blur(image, sigma, kernel_size, padding="SAME")
-    return jnp.where(u[0] < probability, blurred, image)
-
-  return jnp.clip(_per_image(blur_one, images, key, 2), 0.0, 1.0)
-
-
-def solarize(images, key, *, probability: float, threshold: float = 0.5) -> jax.Array:
-  """Solarizes each image with the given probability.
-
-  Convention (as BYOL, PIL and ``dm_pix.solarize``): pixels at or above the threshold are
-  inverted, ``x -> 1 - x`` for ``x >= threshold``; pixels below it are untouched.
-
-  Args:
-    images: float [B, H, W, C], C in {1, 3}, values in [0, 1]; C = 1 is broadcast to 3.
-    key: a PRNG key.
-    probability: chance that an image is solarized, in [0, 1].
-    threshold: the inversion threshold.
-
-  Returns:
-    float32 [B, H, W, 3].
-  """
-  images = _prepare_images(images)
-  probability = _check_probability(probability, "probability")
-  return _solarize(images, key, probability, float(threshold))
-
-
-def _solarize(images, key, probability, threshold):
-  def solarize_one(image, u):
-    return jnp.where(u[0] < probability, pix.solarize(image, threshold), image)
-
-  return _per_image(solarize_one, images, key, 1)
+  return image_batch.per_image(flip_one, images, key, 1)
 
 
 def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
@@ -477,7 +195,7 @@ def normalize(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
   Returns:
     float32 [B, H, W, 3].
   """
-  images = _prepare_images(images)
+  images = image_batch.prepare_images(images)
   mean = np.asarray(mean, np.float32).reshape(-1)
   std = np.asarray(std, np.float32).reshape(-1)
   if mean.shape != (3,):
@@ -510,11 +228,11 @@ class ViewPreset:
   def __post_init__(self):
     for name in ("blur_probability", "solarize_probability", "flip_probability",
                  "color_jitter_probability", "grayscale_probability"):
-      _check_probability(getattr(self, name), name)
+      image_batch.check_probability(getattr(self, name), name)
     for name in ("brightness", "contrast", "saturation"):
-      _check_nonnegative(getattr(self, name), name)
-    _check_nonnegative(self.hue, "hue", upper=0.5)
-    _check_range(self.blur_sigma_range, "blur_sigma_range")
+      image_batch.check_nonnegative(getattr(self, name), name)
+    image_batch.check_nonnegative(self.hue, "hue", upper=0.5)
+    image_batch.check_range(self.blur_sigma_range, "blur_sigma_range")
 
 
 # The two asymmetric BYOL views: always blurred / sometimes solarized.
@@ -535,7 +253,7 @@ def augment_view(images, key, *, preset: ViewPreset) -> jax.Array:
   Returns:
     float32 [B, H, W, 3] in [0, 1].
   """
-  images = _prepare_images(images)
+  images = image_batch.prepare_images(images)
   if not isinstance(preset, ViewPreset):
     raise ValueError(f"preset must be a ViewPreset; got {type(preset).__name__}.")
   return _augment(images, key, _preset_params(preset))
@@ -557,13 +275,15 @@ def _augment(images, key, params):
   """augment_view on validated images with parameters that may be traced scalars."""
   flip_key, jitter_key, gray_key, blur_key, solarize_key = jax.random.split(key, 5)
   images = _flip(images, flip_key, params["flip_probability"])
-  images = _jitter(images, jitter_key, params["brightness"], params["contrast"],
-                   params["saturation"], params["hue"], params["color_jitter_probability"])
-  images = _grayscale(images, gray_key, params["grayscale_probability"])
-  images = _blur(images, blur_key, params["blur_probability"], params["sigma_low"],
-                 params["sigma_high"], default_blur_kernel_size(*images.shape[1:3]))
-  return _solarize(images, solarize_key, params["solarize_probability"],
-                   params["solarize_threshold"])
+  images = photometric.color_jitter_unchecked(
+      images, jitter_key, params["brightness"], params["contrast"], params["saturation"],
+      params["hue"], params["color_jitter_probability"])
+  images = photometric.grayscale_unchecked(images, gray_key, params["grayscale_probability"])
+  images = photometric.blur_unchecked(
+      images, blur_key, params["blur_probability"], params["sigma_low"], params["sigma_high"],
+      photometric.default_blur_kernel_size(*images.shape[1:3]))
+  return photometric.solarize_unchecked(images, solarize_key, params["solarize_probability"],
+                                        params["solarize_threshold"])
 
 
 def _check_presets(presets) -> Tuple[ViewPreset, ...]:
@@ -638,16 +358,16 @@ def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
     ``(large float32 [L, B, large_size, large_size, 3],
     small float32 [S, B, small_size, small_size, 3])``, values in [0, 1].
   """
-  images = _prepare_images(images)
+  images = image_batch.prepare_images(images)
   if isinstance(num_large, bool) or not isinstance(num_large, (int, np.integer)) or num_large < 1:
     raise ValueError(f"num_large must be an int >= 1; got {num_large!r}.")
   if isinstance(num_small, bool) or not isinstance(num_small, (int, np.integer)) or num_small < 0:
     raise ValueError(f"num_small must be an int >= 0; got {num_small!r}.")
-  large_size = _check_size(large_size, "large_size")
-  small_size = _check_size(small_size, "small_size")
-  large_scale = _check_range(large_scale, "large_scale")
-  small_scale = _check_range(small_scale, "small_scale")
-  ratio = _check_range(ratio, "ratio")
+  large_size = image_batch.check_size(large_size, "large_size")
+  small_size = image_batch.check_size(small_size, "small_size")
+  large_scale = image_batch.check_range(large_scale, "large_scale")
+  small_scale = image_batch.check_range(small_scale, "small_scale")
+  ratio = image_batch.check_range(ratio, "ratio")
   presets = _check_presets(presets)
   crop_key, photo_key = jax.random.split(key)
 

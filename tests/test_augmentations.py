@@ -1,5 +1,4 @@
-"""Tests for semppl_jax.augmentations against tf.image, numpy and colorsys references."""
-import colorsys
+"""Tests for semppl_jax.augmentations (crops, flip, normalize, presets, view chains)."""
 import functools
 import inspect
 
@@ -7,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from semppl_jax import augmentations as aug
+from semppl_jax import photometric
 
 B, H, W = 4, 16, 16
 KEY = jax.random.PRNGKey(0)
@@ -19,7 +18,6 @@ GRAY1 = np.random.default_rng(1).uniform(size=(B, H, W, 1)).astype(np.float32)
 
 # One jitted function per configuration, shared by the tests (keeps compiles few).
 crop_8 = jax.jit(functools.partial(aug.random_resized_crop, output_size=8))
-jitter = jax.jit(aug.color_jitter)
 view_2 = jax.jit(functools.partial(aug.augment_view, preset=aug.BYOL_VIEW_2))
 IDENTITY_PRESET = aug.ViewPreset(
     blur_probability=0.0, solarize_probability=0.0, flip_probability=0.0,
@@ -54,15 +52,11 @@ def _check_basic(out, shape):
 # ----------------------------------------------------------------------------- shapes / keys
 
 
-@pytest.mark.parametrize("name", ["crop", "flip", "jitter", "gray", "blur", "solarize", "view"])
+@pytest.mark.parametrize("name", ["crop", "flip", "view"])
 def test_shapes_range_and_determinism(name):
   fns = {
       "crop": (crop_8, (B, 8, 8, 3)),
       "flip": (jax.jit(aug.random_flip), (B, H, W, 3)),
-      "jitter": (jitter, (B, H, W, 3)),
-      "gray": (jax.jit(functools.partial(aug.random_grayscale, probability=0.5)), (B, H, W, 3)),
-      "blur": (jax.jit(functools.partial(aug.gaussian_blur, probability=1.0)), (B, H, W, 3)),
-      "solarize": (jax.jit(functools.partial(aug.solarize, probability=0.5)), (B, H, W, 3)),
       "view": (view_2, (B, H, W, 3)),
   }
   fn, shape = fns[name]
@@ -81,10 +75,6 @@ def test_typed_keys_are_accepted():
 
 @pytest.mark.parametrize("fn", [
     functools.partial(aug.random_flip, probability=0.0),
-    functools.partial(aug.color_jitter, probability=0.0),
-    functools.partial(aug.random_grayscale, probability=0.0),
-    functools.partial(aug.gaussian_blur, probability=0.0),
-    functools.partial(aug.solarize, probability=0.0),
     functools.partial(aug.augment_view, preset=IDENTITY_PRESET),
 ])
 def test_probability_zero_is_identity(fn):
@@ -179,212 +169,13 @@ def test_flip_rate_is_about_one_half():
   assert abs(flipped.mean() - 0.5) < 5 * np.sqrt(0.25 / n)
 
 
-# ----------------------------------------------------------------------------- colour
-#
-# References are tf.image's ops (what BYOL uses), each followed by a clip to [0, 1] as BYOL.
-
-# Random pixels plus the corners of the RGB cube and gray pixels, where HSV is degenerate.
-_EDGE_PIXELS = np.array([[0, 0, 0], [1, 1, 1], [1, 0, 0], [0, 1, 1], [0.5, 0.5, 0.5],
-                         [1, 1, 0], [0.2, 0.2, 0.9], [0, 0, 0.3]], np.float32)
-COLOR_IMAGES = RGB.copy()
-COLOR_IMAGES[:, 0, :8] = _EDGE_PIXELS
-
-_TF_OPS = {
-    "brightness": tf.image.adjust_brightness,
-    "contrast": tf.image.adjust_contrast,
-    "saturation": tf.image.adjust_saturation,
-    "hue": tf.image.adjust_hue,
-}
-_OURS = {
-    "brightness": aug._adjust_brightness,
-    "contrast": aug._adjust_contrast,
-    "saturation": aug._adjust_saturation,
-    "hue": aug._adjust_hue,
-}
-_JITTER_OP_NAMES = ("brightness", "contrast", "saturation", "hue")  # The op indices 0..3.
+# ----------------------------------------------------------------------------- photometric
 
 
-def _tf_op(name, image, amount):
-  return np.clip(_TF_OPS[name](tf.constant(image), float(amount)).numpy(), 0.0, 1.0)
-
-
-@pytest.mark.parametrize("name,amounts", [
-    ("brightness", [-0.4, -0.05, 0.2, 0.4]),
-    ("contrast", [0.6, 0.9, 1.2, 1.4]),
-    ("saturation", [0.0, 0.8, 1.2, 3.0]),
-    ("hue", [-0.5, -0.1, 0.1, 0.45]),
-])
-def test_colour_ops_match_tf_image(name, amounts):
-  # One compile per op: the amount is a traced per-image argument.
-  op = jax.jit(jax.vmap(_OURS[name]))
-  out = np.asarray(op(COLOR_IMAGES, jnp.asarray(amounts, jnp.float32)))
-  assert np.all(out >= 0.0) and np.all(out <= 1.0)
-  for image, amount, result in zip(COLOR_IMAGES, amounts, out):
-    np.testing.assert_allclose(result, _tf_op(name, image, amount), atol=1e-5)
-
-
-def test_contrast_is_around_each_channels_mean():
-  # tf.image semantics (not torchvision's mean luma): a contrast of 0 gives every channel its
-  # own mean over the image.
-  out = np.asarray(aug._adjust_contrast(jnp.asarray(RGB[0]), 0.0))
-  np.testing.assert_allclose(out, np.broadcast_to(RGB[0].mean(axis=(0, 1)), out.shape),
-                             atol=1e-6)
-
-
-def test_grayscale_matches_tf_image_and_has_equal_channels():
-  out = np.asarray(_run(aug.random_grayscale, COLOR_IMAGES, KEY, probability=1.0))
-  expected = tf.image.rgb_to_grayscale(COLOR_IMAGES).numpy()
-  np.testing.assert_allclose(out, np.repeat(expected, 3, axis=-1), atol=1e-6)
-  assert np.all(out[..., 0] == out[..., 1]) and np.all(out[..., 1] == out[..., 2])
-
-
-def test_grayscale_with_probability_half_mixes():
-  images = np.concatenate([RGB] * 8)
-  out = np.asarray(_run(aug.random_grayscale, images, KEY, probability=0.5))
-  gray = np.all(out[..., 0] == out[..., 2], axis=(1, 2))
-  untouched = np.all(out == images, axis=(1, 2, 3))
-  assert np.all(gray ^ untouched) and 0 < gray.sum() < len(images)
-
-
-def _jitter_reference(image, u, order=None, strengths=(0.4, 0.4, 0.2, 0.1), probability=0.8):
-  """BYOL's jitter of one image with tf.image ops, from the image's uniforms ``u``."""
-  apply_u, amounts, drawn_order = aug._jitter_plan(jnp.asarray(u), *strengths)
-  if apply_u >= probability:
-    return image
-  for index in (drawn_order if order is None else order):
-    image = _tf_op(_JITTER_OP_NAMES[int(index)], image, amounts[int(index)])
-  return image
-
-
-def test_color_jitter_matches_tf_reference_in_a_random_order_per_image():
-  n = 24
-  images = np.concatenate([COLOR_IMAGES] * (n // B))
-  out = np.asarray(jitter(images, KEY))  # Default BYOL strengths, probability 0.8.
-  uniforms = np.asarray(aug._image_uniforms(KEY, n, aug._JITTER_UNIFORMS))
-  orders, order_matters, jittered = set(), 0, 0
-  for image, u, result in zip(images, uniforms, out):
-    np.testing.assert_allclose(result, _jitter_reference(image, u), atol=1e-5)
-    if u[0] < 0.8:
-      jittered += 1
-      orders.add(tuple(np.argsort(u[5:9])))
-      fixed = _jitter_reference(image, u, order=(0, 1, 2, 3))
-      order_matters += np.abs(fixed - result).max() > 1e-3
-  # Some images are left alone, the others draw different orders, and the order changes the
-  # output (so applying the ops in one fixed order would fail the comparison above).
-  assert 0 < jittered < n and len(orders) > 3 and order_matters > 0
-
-
-def test_jitter_plan_draws_amounts_in_range_per_image():
-  uniforms = aug._image_uniforms(KEY, 64, aug._JITTER_UNIFORMS)
-  apply_u, amounts, orders = jax.vmap(lambda u: aug._jitter_plan(u, 0.4, 0.3, 0.2, 0.1))(uniforms)
-  bounds = [(-0.4, 0.4), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)]
-  for values, (low, high) in zip(amounts, bounds):
-    values = np.asarray(values)
-    assert np.all(values >= low) and np.all(values <= high)
-    assert np.ptp(values) > 0.5 * (high - low)  # Spread over the range, one draw per image.
-  assert np.all(np.sort(np.asarray(orders), axis=1) == np.arange(4))
-  assert len({tuple(o) for o in np.asarray(orders)}) > 10
-  assert 0.0 <= float(np.min(apply_u)) and float(np.max(apply_u)) < 1.0
-
-
-def test_hue_and_saturation_jitter_keep_gray_images_gray():
-  gray = np.repeat(GRAY1, 3, axis=-1)
-  out = np.asarray(_run(aug.color_jitter, gray, KEY, brightness=0.0, contrast=0.0, saturation=0.9,
-                        hue=0.5, probability=1.0))
-  np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-6)
-  np.testing.assert_allclose(out[..., 1], out[..., 2], atol=1e-6)
-  # Default jitter (all four ops) keeps them gray as well.
-  out = np.asarray(jitter(gray, KEY))
-  np.testing.assert_allclose(out[..., 0], out[..., 2], atol=1e-6)
-
-
-def test_brightness_jitter_is_an_additive_shift():
-  images = 0.45 + 0.1 * RGB  # No clipping for shifts up to 0.4.
-  out = np.asarray(_run(aug.color_jitter, images, KEY, brightness=0.4, contrast=0.0,
-                        saturation=0.0, hue=0.0, probability=1.0))
-  delta = (out - images).reshape(B, -1)
-  np.testing.assert_allclose(delta, delta[:, :1] * np.ones_like(delta), atol=1e-6)
-  assert np.all(np.abs(delta[:, 0]) <= 0.4) and np.ptp(delta[:, 0]) > 0
-
-
-def _hue_rotate_reference(image, delta):
-  flat = image.reshape(-1, 3).astype(np.float64)
-  out = []
-  for r, g, b in flat:
-    h, s, v = colorsys.rgb_to_hsv(r, g, b)
-    out.append(colorsys.hsv_to_rgb((h + delta) % 1.0, s, v))
-  return np.asarray(out).reshape(image.shape)
-
-
-def test_hue_jitter_is_a_per_image_hue_rotation():
-  out = np.asarray(_run(aug.color_jitter, RGB, KEY, brightness=0.0, contrast=0.0, saturation=0.0,
-                        hue=0.5, probability=1.0))
-  deltas = []
-  for image, result in zip(RGB, out):
-    # Read the rotation off the most saturated pixel, then check every pixel with colorsys.
-    flat_in, flat_out = image.reshape(-1, 3), result.reshape(-1, 3)
-    i = np.argmax(flat_in.max(-1) - flat_in.min(-1))
-    delta = (colorsys.rgb_to_hsv(*flat_out[i])[0] - colorsys.rgb_to_hsv(*flat_in[i])[0]) % 1.0
-    np.testing.assert_allclose(result, _hue_rotate_reference(image, delta), atol=1e-4)
-    deltas.append(delta)
-  assert len(set(np.round(deltas, 4))) == B  # Each image draws its own rotation.
-
-
-# ----------------------------------------------------------------------------- blur / solarize
-
-
-def _blur_reference(images, sigma, size):
-  """Separable Gaussian blur with zero padding (BYOL's 'SAME' depthwise convolution)."""
-  d = np.arange(size) - size // 2
-  k = np.exp(-d ** 2 / (2 * sigma ** 2))
-  k /= k.sum()
-  r = size // 2
-  padded = np.pad(images.astype(np.float64), ((0, 0), (r, r), (r, r), (0, 0)))
-  rows = sum(k[i] * padded[:, i:i + images.shape[1]] for i in range(size))
-  return sum(k[j] * rows[:, :, j:j + images.shape[2]] for j in range(size))
-
-
-def test_blur_matches_zero_padded_separable_reference():
-  sigma, size = 1.3, 5
-  out = _run(aug.gaussian_blur, RGB, KEY, probability=1.0, sigma_range=(sigma, sigma),
-             kernel_size=size)
-  np.testing.assert_allclose(np.asarray(out), _blur_reference(RGB, sigma, size), atol=1e-5)
-
-
-def test_blur_keeps_a_constant_interior_and_darkens_the_border():
-  images = np.full((B, H, W, 3), 0.37, np.float32)
-  out = np.asarray(_run(aug.gaussian_blur, images, KEY, probability=1.0, sigma_range=(1.0, 1.0),
-                        kernel_size=5))
-  np.testing.assert_allclose(out[:, 2:-2, 2:-2], images[:, 2:-2, 2:-2], atol=1e-6)
-  assert np.all(out[:, 0, :] < 0.37 - 1e-3) and np.all(out[:, :, -1] < 0.37 - 1e-3)
-
-
-def test_blur_sigma_is_drawn_per_image():
-  images = np.repeat(RGB[:1], 8, axis=0)
-  out = np.asarray(_run(aug.gaussian_blur, images, KEY, probability=1.0, kernel_size=5))
-  # Image b uses its uniforms [apply, sigma]: sigma = 0.1 + 1.9 u[1].
-  sigmas = 0.1 + 1.9 * np.asarray(aug._image_uniforms(KEY, 8, 2))[:, 1]
-  for o, sigma in zip(out, sigmas):
-    np.testing.assert_allclose(o, _blur_reference(images[:1], sigma, 5)[0], atol=1e-5)
-  assert np.ptp(sigmas) > 0.5
-  assert all(not np.allclose(out[i], out[j]) for i in range(8) for j in range(i))
-
-
-def test_default_blur_kernel_size():
-  assert aug.default_blur_kernel_size(224, 224) == 23
-  assert aug.default_blur_kernel_size(96, 96) == 9
-  assert aug.default_blur_kernel_size(32, 32) == 3
-  assert aug.default_blur_kernel_size(8, 8) == 3
-  with pytest.raises(ValueError, match="kernel_size"):
-    _run(aug.gaussian_blur, RGB, KEY, probability=1.0, kernel_size=4)
-
-
-def test_solarize_inverts_pixels_at_or_above_threshold():
-  threshold = 0.3
-  images = RGB.copy()
-  images[:, 0, 0, :] = threshold  # Exactly at the threshold: inverted.
-  out = np.asarray(_run(aug.solarize, images, KEY, probability=1.0, threshold=threshold))
-  np.testing.assert_array_equal(out, np.where(images >= threshold, 1.0 - images, images))
+def test_photometric_ops_are_reexported():
+  for name in ("color_jitter", "random_grayscale", "gaussian_blur", "solarize",
+               "default_blur_kernel_size"):
+    assert getattr(aug, name) is getattr(photometric, name)
 
 
 # ----------------------------------------------------------------------------- normalize
@@ -507,10 +298,6 @@ def test_multi_crop_without_small_views():
 _ALL_FUNCTIONS = [
     functools.partial(aug.random_resized_crop, output_size=8),
     aug.random_flip,
-    aug.color_jitter,
-    aug.random_grayscale,
-    functools.partial(aug.gaussian_blur, probability=0.5),
-    functools.partial(aug.solarize, probability=0.5),
     lambda images, key: aug.normalize(images),
     functools.partial(aug.augment_view, preset=aug.BYOL_VIEW_1),
     functools.partial(aug.multi_crop, num_large=2, num_small=0, large_size=8, small_size=4),
@@ -530,10 +317,6 @@ def test_bad_images_raise(fn, images):
 
 @pytest.mark.parametrize("fn,name", [
     (aug.random_flip, "probability"),
-    (aug.color_jitter, "probability"),
-    (aug.random_grayscale, "probability"),
-    (aug.gaussian_blur, "probability"),
-    (aug.solarize, "probability"),
 ])
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
 def test_bad_probability_raises(fn, name, value):
@@ -558,12 +341,6 @@ def test_bad_arguments_raise():
     aug.random_resized_crop(RGB, KEY, output_size=8, ratio=(0.0, 1.0))
   with pytest.raises(ValueError, match="output_size"):
     aug.random_resized_crop(RGB, KEY, output_size=0)
-  with pytest.raises(ValueError, match="hue"):
-    aug.color_jitter(RGB, KEY, hue=0.7)
-  with pytest.raises(ValueError, match="brightness"):
-    aug.color_jitter(RGB, KEY, brightness=-0.1)
-  with pytest.raises(ValueError, match="sigma_range"):
-    aug.gaussian_blur(RGB, KEY, probability=1.0, sigma_range=(0.0, 1.0))
   with pytest.raises(ValueError, match="num_large"):
     aug.multi_crop(RGB, KEY, num_large=0, num_small=1, large_size=8, small_size=4)
   with pytest.raises(ValueError, match="num_small"):
