@@ -230,3 +230,32 @@ def test_errors_name_the_flag_and_the_problem(folders, release_file, tmp_path, c
   import re  # pylint: disable=g-import-not-at-top
   assert re.search(message, err), err
   assert not os.path.exists(tmp_path / "out" / "labels.csv")
+
+
+@pytest.mark.skipif(not all(os.path.exists(p) for split in ("train", "test") for p in
+                            label.data_lib.fashion_mnist.idx_file_paths(split)),
+                    reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_test_split_is_labelled_from_the_label_split(release_file, tmp_path,
+                                                                  capsys):
+  result = label.run(label.parse_args([
+      f"--checkpoint={release_file}", "--dataset=fashion_mnist", "--label_percent=1", "--k=5",
+      "--batch_size=1000", f"--output_dir={tmp_path}", "--examples_per_class=3"]))
+  text = capsys.readouterr().out
+  assert "tiny_resnet x1 (small_images=True), 28 px" in text  # 28 px by default here.
+  assert "600 labelled images in 10 classes -> 10000 unlabelled images" in text
+  rows = label.read_csv(result.csv_path)
+  assert len(rows) == 10000 and rows[0]["file"] == "fashion_mnist/test/00000"
+  assert list(rows[0]) == list(label.CSV_COLUMNS) + ["true_class"]
+  assert all(r["nearest_labelled_file"].startswith("fashion_mnist/train/") for r in rows[:50])
+  accuracy = np.mean([r["predicted_class"] == r["true_class"] for r in rows])
+  assert f"accuracy against the known labels: {100 * accuracy:.2f}%" in text
+  _check_against_brute_force_subset(result, rows[:200], 5)
+
+
+def _check_against_brute_force_subset(result, rows, k):
+  expected = _brute_force(result.unlabelled_embeddings[:len(rows)], result.labelled_embeddings,
+                          result.labelled.labels, k, "weighted", num_classes=10)
+  for row, (pred, share, nearest, _) in zip(rows, expected):
+    assert int(row["predicted_index"]) == pred
+    assert abs(float(row["vote_share"]) - share) < 2e-4
+    assert row["nearest_labelled_file"] == result.labelled.names[nearest]
