@@ -16,6 +16,16 @@ a finished one only re-evaluates). Other variants:
     --config.experiment_kwargs.config.checkpoint.source=none      # random-init baseline
     --config.experiment_kwargs.config.checkpoint.path=runs/fmnist_long/checkpoints
 
+Comparing encoders fairly (issue #10): one fixed fine-tune schedule favours some encoders and
+damages others (the old 0.05 / 2.0 schedule fine-tuned a supervised encoder to below random
+initialisation). Compare encoders only through `experiments/study.py`, which runs the same small
+grid of (encoder, head) base learning rates for every encoder, picks the point with the best
+top-1 on the validation split (`data.eval_split=validation`: 5,000 held-out training images)
+and reports that point's test top-1. For one encoder by hand, run each grid point with
+`--config.experiment_kwargs.config.data.eval_split=validation` and
+`--config.experiment_kwargs.config.optimizer.{encoder,head}_base_learning_rate=...`, then the
+chosen point once on the test split. The defaults below are one point of that grid.
+
 Runtime on 2 shared CPU cores (one CPU device, jax 0.10.2, x86-64), wall clock including
 start-up and the evaluation on all 10k test images: fine_tune ≈ 40-50 s, linear ≈ 20 s,
 knn ≈ 15 s (fine_tune and linear: 300 steps of 128 labelled images).

@@ -80,6 +80,10 @@ def get_experiment_config(training_steps):
           semantic_weight=0.2,
           invariance_weight=5.0,
           num_negatives=0,
+          # Ablation switches (semppl_jax.train.LossConfig); False / 0 = DESIGN.md §2 as written.
+          mask_same_class_negatives=False,  # own-class rows out of the semantic negatives
+          semantic_ramp_steps=0,            # > 0: semantic terms x min(1, step / this)
+          bn_stats_from_large_views_only=False,
       ),
       optimizer=dict(
           # LARS moves each layer by lr * 1e-3 of its norm per step; a short run needs more than
