@@ -481,45 +481,56 @@ def target_check(results: Sequence[Mapping[str, Any]], split: str = "test") -> s
 
 
 def render_plots(results: Sequence[Mapping[str, Any]], plot_dir: str) -> List[str]:
-  """One PNG per (label percent, variant set): mean ± std curves over seeds per objective."""
+  """PNG curves, mean ± std over seeds: one figure per (label percent, variant) with a line per
+  objective, and per label percent one figure of SemPPL's variants (when there are several)."""
+  os.makedirs(plot_dir, exist_ok=True)
+  by_percent: Dict[Tuple[int, str], Dict[str, List[Mapping]]] = {}
+  variants: Dict[int, Dict[str, List[Mapping]]] = {}
+  for (percent, tag, objective), runs in group(results).items():
+    by_percent.setdefault((percent, tag), {})[objective] = runs
+    if objective == "semppl":
+      variants.setdefault(percent, {})[f"semppl {tag or 'default'}"] = runs
+  figures = [(f"Fashion-MNIST, {percent} % labels ({tag or 'default'})",
+              f"curves_p{percent}_{tag or 'default'}.png", lines)
+             for (percent, tag), lines in by_percent.items()]
+  figures += [(f"Fashion-MNIST, {percent} % labels: SemPPL variants",
+               f"curves_p{percent}_semppl_variants.png", lines)
+              for percent, lines in variants.items() if len(lines) > 1]
+  return [_plot_curves(title, os.path.join(plot_dir, name), lines)
+          for title, name, lines in figures]
+
+
+def _plot_curves(title: str, path: str, lines: Mapping[str, List[Mapping]]) -> str:
+  """One figure: a panel per :data:`CURVE_KEYS` entry, a mean ± std line per ``lines`` entry."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(plot_dir, exist_ok=True)
-  by_percent: Dict[Tuple[int, str], Dict[str, List[Mapping]]] = {}
-  for (percent, tag, objective), runs in group(results).items():
-    by_percent.setdefault((percent, tag), {})[objective] = runs
-  paths = []
-  for (percent, tag), objectives in by_percent.items():
-    fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4.2 * len(CURVE_KEYS), 3.4))
-    for ax, (key, title) in zip(axes, CURVE_KEYS):
-      for objective, runs in objectives.items():
-        series = [[(p["step"], p[key]) for p in r["curves"] if key in p] for r in runs]
-        series = [s for s in series if s]
-        if not series:
-          continue
-        length = min(len(s) for s in series)
-        steps = np.array([x for x, _ in series[0][:length]])
-        values = 100 * np.array([[v for _, v in s[:length]] for s in series])
-        mean = values.mean(0)
-        std = values.std(0, ddof=1) if len(series) > 1 else np.zeros_like(mean)
-        ax.plot(steps, mean, marker="o", ms=3, label=f"{objective} (n={len(series)})")
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-      ax.set_title(title, fontsize=9)
-      ax.set_xlabel("pre-training step")
-      ax.set_ylabel("%")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-    fig.suptitle(f"Fashion-MNIST, {percent} % labels ({tag or 'default'}): mean ± std over seeds",
-                 fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(plot_dir, f"curves_p{percent}_{tag or 'default'}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
-  return paths
+  fig, axes = plt.subplots(1, len(CURVE_KEYS), figsize=(4.2 * len(CURVE_KEYS), 3.4))
+  for ax, (key, panel) in zip(axes, CURVE_KEYS):
+    for name, runs in lines.items():
+      series = [[(p["step"], p[key]) for p in r["curves"] if key in p] for r in runs]
+      series = [s for s in series if s]
+      if not series:
+        continue
+      length = min(len(s) for s in series)
+      steps = np.array([x for x, _ in series[0][:length]])
+      values = 100 * np.array([[v for _, v in s[:length]] for s in series])
+      mean = values.mean(0)
+      std = values.std(0, ddof=1) if len(series) > 1 else np.zeros_like(mean)
+      ax.plot(steps, mean, marker="o", ms=3, label=f"{name} (n={len(series)})")
+      ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    ax.set_title(panel, fontsize=9)
+    ax.set_xlabel("pre-training step")
+    ax.set_ylabel("%")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"{title}: mean ± std over seeds", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def render(out: str, docs_dir: str = "") -> str:

@@ -130,6 +130,12 @@ def test_mean_std_and_tables(tmp_path):
   with open(png, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.exists(os.path.join(out, "docs", "curves_p1_default.png"))
+  # A SemPPL variant adds its own figure and one comparing SemPPL's variants.
+  _fake_result(out, _spec("semppl", 0, tag="mask"), knn=0.9)
+  study.render(out)
+  for name in ("curves_p1_mask.png", "curves_p1_semppl_variants.png"):
+    assert os.path.exists(os.path.join(out, "plots", name))
+  assert "| 1 % | mask | semppl | 0 |" in study.render_table(study.load_results(out))
 
 
 def test_two_step_smoke_run(tmp_path):
