@@ -129,8 +129,8 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     self._train_step = None
     self._embed = None
     mesh_experiment.say(
-        f"[setup] evaluation | protocol={config.protocol} | {config.data.dataset} "
-        f"{config.data.label_percent}% labels | encoder {config.network.encoder} "
+        f"[setup] evaluation | protocol={config.protocol} | "
+        f"{pretrain.data_description(config.data)} | encoder {config.network.encoder} "
         f"x{config.network.width_multiplier} from {self._source_info} | "
         f"{self._mesh.shape['data']} device(s), {jax.process_count()} process(es)")
 

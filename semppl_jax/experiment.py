@@ -148,6 +148,13 @@ _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
 _LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
 
 
+def data_description(data: config_dict.ConfigDict) -> str:
+  """'fashion_mnist 10% labels' or 'image_folder <labelled_dir>' (setup lines)."""
+  if data.dataset == "image_folder":
+    return f"image_folder {data.labelled_dir}"
+  return f"{data.dataset} {data.label_percent}% labels"
+
+
 def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.TrainConfig:
   """The typed hyper-parameters of a (validated) pre-training config."""
   v, n, s, o = config.views, config.network, config.semppl, config.optimizer
@@ -208,6 +215,14 @@ class Experiment(mesh_experiment.MeshExperiment):
         in_shardings=(self._shardings, parallel.data_sharding(self._mesh), None),
         out_shardings=(self._shardings, None), donate_argnums=(0,))
     self._embed = None
+    c, t = config, self._train_config
+    mesh_experiment.say(
+        f"[setup] SemPPL pre-training | objective={c.objective} | "
+        f"{data_description(c.data)} | {c.training_steps} steps of {c.data.labelled_batch_size}"
+        f" labelled + {c.data.unlabelled_batch_size} unlabelled images | {t.views.num_large}x"
+        f"{t.views.large_size}px + {t.views.num_small}x{t.views.small_size}px views | "
+        f"{c.network.encoder} x{c.network.width_multiplier} | queue {c.queue.size} | "
+        f"{num_devices} device(s), {jax.process_count()} process(es)")
     self._prefetched = None  # (step, global batch) built while the previous step ran.
 
   def _state_tree(self) -> Dict[str, Any]:
