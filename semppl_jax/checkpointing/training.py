@@ -7,6 +7,7 @@ Orbax (written to a temporary directory and renamed when complete, keeping the l
 ``InMemoryCheckpointer``. Orbax saves are collective: with several processes every process must
 call save (jaxline: ``train_checkpoint_all_hosts=True``).
 """
+import errno
 import logging
 import os
 import re
@@ -130,9 +131,14 @@ def _remove_tmp_dirs(directory: str) -> None:
 def _save_failed(directory: str, step: int, error: Exception) -> CheckpointError:
   """The error for a failed save, after removing what it left behind."""
   _remove_tmp_dirs(directory)
+  text = str(error)
+  # TensorStore puts the OS error at the end of a long message; name the common cause first.
+  disk_full = (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text
+               or "os_error_code='28'" in text)
+  cause = "the disk is full: " if disk_full else ""
   return CheckpointError(
-      f"saving checkpoint {step} to {directory!r} failed ({type(error).__name__}: "
-      f"{clip(str(error), 300)}); the checkpoints saved before are untouched")
+      f"saving checkpoint {step} to {directory!r} failed ({cause}{type(error).__name__}: "
+      f"{clip(text, 300)}); the checkpoints saved before are untouched")
 
 
 def _restore_newest_readable(where: str, steps: Iterable[int],

@@ -351,7 +351,8 @@ def test_disk_full_during_save_keeps_previous_checkpoints(tmp_path, mesh, monkey
   with monkeypatch.context() as patch:
     _disk_full(patch, tmp_path)
     with pytest.raises(ck.CheckpointError,
-                       match=rf"saving checkpoint 2 to '{directory}' failed .*No space left"):
+                       match=rf"saving checkpoint 2 to '{directory}' failed \(the disk is full: "
+                       ".*No space left"):
       ck.save_state(directory, 2, {"x": np.full(2, 2.0, np.float32)}, max_to_keep=1)
   assert sorted(os.listdir(directory)) == ["1"]
   step, tree = ck.restore_latest(directory, {"x": np.zeros(2, np.float32)})
@@ -365,7 +366,8 @@ def test_disk_full_during_save_keeps_previous_checkpoints(tmp_path, mesh, monkey
     state.global_step = 2
     state.experiment_module = _DummyExperiment(mesh, 2.0)
     with pytest.raises(ck.CheckpointError,
-                       match=rf"saving checkpoint 2 to '{tmp_path}/exp/latest' failed"):
+                       match=rf"saving checkpoint 2 to '{tmp_path}/exp/latest' failed \(the "
+                       "disk is full"):
       ckpt.save("latest")
   assert sorted(os.listdir(tmp_path / "exp" / "latest")) == ["1"]
   ckpt.save("latest")  # Space again: the same checkpointer saves.
