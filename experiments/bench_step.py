@@ -30,6 +30,7 @@ policy, and reports ``memory_analysis()`` per device (several minutes on CPU).
 
 Usage:
   python experiments/bench_step.py                      # demo + r50 (+ paper on GPU / TPU)
+  python experiments/bench_step.py --shapes demo        # the demo shape only (minutes on CPU)
   python experiments/bench_step.py --tiny               # seconds: tiny shapes (tests)
   python experiments/bench_step.py --paper-memory       # AOT memory at the paper's batch
   python experiments/bench_step.py --train-steps 20     # also a short ImageNet-shape run
@@ -154,6 +155,8 @@ def build_variants(args):
   variants = []
 
   # Demo shape, real data.
+  if "demo" not in args.shapes:
+    return variants + _r50_variants(args, put)
   c, base = demo_config(args.tiny)
   v = c.views
   source = data_source.DataSource(c.data, c.evaluation, data_source.Views(
@@ -166,13 +169,19 @@ def build_variants(args):
     variants.append(Variant(
         "demo", objective, dataclasses.replace(base, objective=objective),
         lambda s: demo_batches[s % num_batches], pipeline if i == 0 else None))
+  return variants + _r50_variants(args, put)
 
-  # ResNet-50 shape (and the paper's batch), random host-cropped views.
+
+def _r50_variants(args, put):
+  """The r50 and paper variants (random host-cropped views)."""
+  jax, _, _ = _imports()
+  variants = []
   # Tiny: the host-cropped layout once (each compile costs seconds even for a tiny network).
   r50_runs = [(o, "float32", "none") for o in (OBJECTIVES[:1] if args.tiny else OBJECTIVES)]
   if not args.tiny:
     r50_runs.append(("semppl", "bfloat16", "none"))
-  shapes = [("r50", args.r50_batch[0], args.r50_batch[1], r50_runs)]
+  shapes = [("r50", args.r50_batch[0], args.r50_batch[1], r50_runs)] if (
+      "r50" in args.shapes) else []
   if args.paper:
     labelled = PAPER_BATCH // PAPER_DEVICES[0] // 8
     unlabelled = PAPER_BATCH // PAPER_DEVICES[0] - labelled
@@ -419,6 +428,8 @@ def main():
                       help="tiny shapes (tiny ResNet, 16 / 8 px views): a smoke test")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+  parser.add_argument("--shapes", nargs="+", default=["demo", "r50"], choices=("demo", "r50"),
+                      help="shapes to time (the paper shape follows --paper)")
   parser.add_argument("--r50-batch", type=int, nargs=2, default=(2, 2),
                       metavar=("LABELLED", "UNLABELLED"), help="r50 images per device")
   paper = parser.add_mutually_exclusive_group()
