@@ -388,7 +388,8 @@ def train_run(args):
   c.data.update(dict(labelled_batch_size=args.r50_batch[0] * n,
                      unlabelled_batch_size=args.r50_batch[1] * n,
                      data_dir=args.imagenet_dir or ""))
-  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, args.train_steps)
+  # Warm-up inside the short run, and at least one step of cosine decay after it.
+  c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, args.train_steps // 2)
   c.evaluate_at_end = False
   c.log_every_steps = max(1, args.train_steps - 1)
   if args.tiny:
