@@ -480,6 +480,30 @@ def target_check(results: Sequence[Mapping[str, Any]], split: str = "test") -> s
   return "\n".join(lines)
 
 
+def render_variants(results: Sequence[Mapping[str, Any]], split: str = "validation") -> str:
+  """Markdown: each tagged variant minus the default run of the same objective and seed
+  (points, mean ± std of the paired differences; positive = the variant is better)."""
+  groups = group(results)
+  keys = (("fine_tune", "fine-tune"), ("knn_k20", "kNN k=20"),
+          ("pseudo_label_accuracy", "pseudo-label acc."))
+  lines = ["| labels | variant | objective | paired seeds | "
+           + " | ".join(f"Δ {name} ({split})" for _, name in keys) + " |",
+           "|---|---|---|---|" + "---:|" * len(keys)]
+  for (percent, tag, objective), runs in groups.items():
+    base = {r["spec"]["seed"]: r for r in groups.get((percent, "", objective), [])}
+    pairs = [(r, base[r["spec"]["seed"]]) for r in runs if tag and r["spec"]["seed"] in base]
+    if not pairs:
+      continue
+    cells = []
+    for key, _ in keys:
+      diffs = [100 * (r["reported"][split][key] - b["reported"][split][key])
+               for r, b in pairs if key in r["reported"][split] and key in b["reported"][split]]
+      cells.append("–" if not diffs else "{:+.2f} ± {:.2f}".format(*mean_std(diffs)))
+    seeds = ",".join(str(r["spec"]["seed"]) for r, _ in pairs)
+    lines.append(f"| {percent} % | {tag} | {objective} | {seeds} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def render_plots(results: Sequence[Mapping[str, Any]], plot_dir: str) -> List[str]:
   """PNG curves, mean ± std over seeds: one figure per (label percent, variant) with a line per
   objective, and per label percent one figure of SemPPL's variants (when there are several)."""
@@ -551,6 +575,8 @@ def render(out: str, docs_dir: str = "") -> str:
         "Validation split (what settings were chosen on):",
         render_table(results, "validation"),
         "Per run (test):", render_per_seed(results, "test"),
+        "Variants minus the default, paired by seed (validation: what settings are chosen on):",
+        render_variants(results, "validation") or "(no tagged variants)",
         "Target (SemPPL above each baseline by more than the summed seed std):",
         target_check(results, "test") or "(needs semppl and a baseline)",
         "Plots: " + ", ".join(os.path.relpath(p, out) for p in plots)])

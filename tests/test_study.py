@@ -136,6 +136,9 @@ def test_mean_std_and_tables(tmp_path):
   for name in ("curves_p1_mask.png", "curves_p1_semppl_variants.png"):
     assert os.path.exists(os.path.join(out, "plots", name))
   assert "| 1 % | mask | semppl | 0 |" in study.render_table(study.load_results(out))
+  # Paired by seed against the default run: fine-tune 70 vs 80, kNN 90 vs 70 (test).
+  variants = study.render_variants(study.load_results(out), "test")
+  assert "| 1 % | mask | semppl | 0 | -10.00 ± 0.00 | +20.00 ± 0.00 | +0.00 ± 0.00 |" in variants
 
 
 def test_two_step_smoke_run(tmp_path):
