@@ -25,77 +25,19 @@ import jax.numpy as jnp
 from ml_collections import config_dict
 
 from semppl_jax import checkpointing
-from semppl_jax import config_rules as rules
 from semppl_jax import encoder_sources
 from semppl_jax import evaluation
-from semppl_jax import experiment as pretrain
+from semppl_jax import experiment_config
 from semppl_jax import finetune
 from semppl_jax import mesh_experiment
-from semppl_jax import networks
 from semppl_jax import parallel
 from semppl_jax import train
 from semppl_jax.data_source import DataSource, Views
 
-PROTOCOLS = ("fine_tune", "linear", "knn")
-SOURCES = ("pretrain", "release", "none")
-_EXAMPLE = "experiments/eval_fashion_mnist.py"
-_FIELDS = (
-    "protocol training_steps log_every_steps checkpoint.source checkpoint.path "
-    "checkpoint.encoder_prefix data.dataset data.data_dir data.label_percent data.num_classes "
-    "data.image_size data.batch_size data.seed data.labelled_dir data.test_dir "
-    "data.eval_split data.skip_corrupt_images network.encoder network.width_multiplier network.small_images "
-    "network.compute_dtype augmentation.crop_size augmentation.crop_scale augmentation.flip "
-    "optimizer.encoder_base_learning_rate optimizer.head_base_learning_rate optimizer.momentum "
-    "optimizer.nesterov optimizer.weight_decay optimizer.warmup_steps evaluation.batch_size "
-    "evaluation.max_examples evaluation.knn_ks evaluation.knn_temperature").split()
-
-
-def validate_config(config: config_dict.ConfigDict, *, num_devices: int,
-                    num_processes: int = 1) -> None:
-  """Checks an evaluation config before anything loads or compiles.
-
-  Raises:
-    ValueError: listing missing fields, or ``config.<field>: ...`` naming a bad one.
-  """
-  rules.require_fields(config, _FIELDS, _EXAMPLE)
-  protocol = rules.one_of(config, "protocol", PROTOCOLS)
-  steps = rules.integer(config, "training_steps", low=int(protocol != "knn"))
-  rules.integer(config, "log_every_steps", low=1)
-  source = rules.one_of(config, "checkpoint.source", SOURCES)
-  if source != "none" and not config.checkpoint.path:
-    rules.fail("checkpoint.path", f"is required with checkpoint.source={source!r} (a " + (
-        "pre-training run's '<checkpoint_dir>/checkpoints' directory)." if source == "pretrain"
-        else "released .pkl file)."))
-  dataset = rules.one_of(config, "data.dataset", pretrain.DATASETS)
-  rules.integer(config, "data.num_classes", low=1)
-  if dataset in ("fashion_mnist", "imagenet"):
-    rules.one_of(config, "data.label_percent", (1, 10))
-  image_size = rules.integer(config, "data.image_size", low=1)
-  rules.integer(config, "data.seed", low=0)
-  rules.one_of(config, "data.eval_split", ("test", "validation"))
-  rules.boolean(config, "data.skip_corrupt_images")
-  for field in ("data.batch_size", "evaluation.batch_size"):
-    rules.batch_divisible(config, field, num_devices=num_devices, num_processes=num_processes)
-  crop = rules.integer(config, "augmentation.crop_size", low=1, high=image_size)
-  rules.interval(config, "augmentation.crop_scale", 0.0, 1.0, low_open=True)
-  rules.boolean(config, "augmentation.flip")
-  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
-  rules.integer(config, "network.width_multiplier", low=1)
-  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
-  if rules.boolean(config, "network.small_images") and crop > 64:
-    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
-               f"inputs of at most 64 px, got augmentation.crop_size={crop}; set it to False.")
-  if not config.network.small_images and crop < 32:
-    rules.fail("network.small_images", "the ImageNet stem downsamples by 32 and needs inputs of "
-               f"at least 32 px, got augmentation.crop_size={crop}; set it to True.")
-  for field in ("encoder_base_learning_rate", "head_base_learning_rate", "weight_decay"):
-    rules.number(config, f"optimizer.{field}", 0.0)
-  rules.number(config, "optimizer.momentum", 0.0, 1.0, high_open=True)
-  rules.boolean(config, "optimizer.nesterov")
-  rules.integer(config, "optimizer.warmup_steps", low=0, high=max(steps, 0))
-  rules.integer(config, "evaluation.max_examples", low=0)
-  rules.int_tuple(config, "evaluation.knn_ks", low=1)
-  rules.number(config, "evaluation.knn_temperature", 0.0, low_open=True)
+# The config schema lives in experiment_config; these names stay importable from here.
+PROTOCOLS = experiment_config.PROTOCOLS
+SOURCES = experiment_config.SOURCES
+validate_config = experiment_config.validate_eval_config
 
 
 class EvalExperiment(mesh_experiment.MeshExperiment):
@@ -130,7 +72,7 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     self._embed = None
     mesh_experiment.say(
         f"[setup] evaluation | protocol={config.protocol} | "
-        f"{pretrain.data_description(config.data)} | encoder {config.network.encoder} "
+        f"{experiment_config.data_description(config.data)} | encoder {config.network.encoder} "
         f"x{config.network.width_multiplier} from {self._source_info} | "
         f"{self._mesh.shape['data']} device(s), {jax.process_count()} process(es)")
 

@@ -1,0 +1,234 @@
+"""The experiments' config schema: every field checked before anything loads or compiles, and
+the mapping of a checked config to the typed arguments of the pure modules.
+
+Part of the jaxline layer: ``semppl_jax/experiment.py`` (pre-training) and
+``semppl_jax/eval_experiment.py`` (evaluation) call these, and nothing below them reads a config.
+Each error is ``ValueError("config.<field>: ...")`` (``semppl_jax.config_rules``).
+"""
+from ml_collections import config_dict
+
+from semppl_jax import augmentations
+from semppl_jax import config_rules as rules
+from semppl_jax import networks
+from semppl_jax import train
+
+DATASETS = ("fashion_mnist", "imagenet", "image_folder")
+
+
+def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int,
+                    num_processes: int = 1) -> None:
+  """Checks every field of a pre-training config before anything loads or compiles.
+
+  Args:
+    config: ``experiment_kwargs.config`` of a launch config.
+    num_devices: global number of devices on the data axis.
+    num_processes: number of processes (hosts).
+
+  Raises:
+    ValueError: ``config.<field>: ...`` naming the field and what is allowed.
+  """
+  objective = rules.one_of(config, "objective", tuple(train.OBJECTIVES))
+  steps = rules.integer(config, "training_steps", low=1)
+  rules.integer(config, "log_every_steps", low=1)
+  rules.boolean(config, "evaluate_at_end")
+  dataset = rules.one_of(config, "data.dataset", DATASETS)
+  rules.integer(config, "data.num_classes", low=1)
+  image_size = rules.integer(config, "data.image_size", low=1)
+  rules.integer(config, "data.seed", low=0)
+  rules.one_of(config, "data.eval_split", ("test", "validation"))
+  rules.boolean(config, "data.skip_corrupt_images")
+  if dataset in ("fashion_mnist", "imagenet"):
+    rules.one_of(config, "data.label_percent", (1, 10))
+  for field in ("data.labelled_batch_size", "data.unlabelled_batch_size"):
+    if field.endswith("unlabelled_batch_size") and rules.get(config, field) == 0:
+      continue  # No unlabelled images is allowed (the supervised baseline's data).
+    rules.batch_divisible(config, field, num_devices=num_devices, num_processes=num_processes)
+
+  large = rules.integer(config, "views.num_large", low=1)
+  small = rules.integer(config, "views.num_small", low=0)
+  if objective != "supervised" and large + small < 2:
+    rules.fail("views.num_small", "the invariance term needs at least two views in total "
+               f"(num_large + num_small >= 2), got {large} + {small}.")
+  large_size = rules.integer(config, "views.large_size", low=1, high=image_size)
+  sizes = [large_size]
+  if small:
+    sizes.append(rules.integer(config, "views.small_size", low=1, high=large_size))
+  rules.interval(config, "views.large_scale", 0.0, 1.0, low_open=True)
+  rules.interval(config, "views.small_scale", 0.0, 1.0, low_open=True)
+  v = config.views
+  if len(v.blur_probability) != len(v.solarize_probability) or not v.blur_probability:
+    rules.fail("views.blur_probability", "views.blur_probability and "
+               "views.solarize_probability must have the same number (>= 1) of entries, one "
+               f"per alternating preset; got {list(v.blur_probability)} and "
+               f"{list(v.solarize_probability)}.")
+  for field in ("color_jitter_probability", "grayscale_probability"):
+    rules.number(config, f"views.{field}", 0.0, 1.0)
+  for name in ("blur_probability", "solarize_probability"):
+    for i in range(len(v[name])):
+      rules.number({"views": {name: {str(i): v[name][i]}}}, f"views.{name}.{i}", 0.0, 1.0)
+  rules.interval(config, "views.blur_sigma_range", 0.0, 100.0, low_open=True)
+
+  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
+  rules.integer(config, "network.width_multiplier", low=1)
+  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
+  rules.one_of(config, "network.remat", networks.REMAT_POLICIES)
+  for field in ("projector_hidden_size", "projection_size", "predictor_hidden_size"):
+    rules.integer(config, f"network.{field}", low=1)
+  if rules.boolean(config, "network.small_images") and max(sizes) > 64:
+    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
+               f"inputs of at most 64 px, got views of {max(sizes)} px; set it to False.")
+  if not config.network.small_images and min(sizes) < 32:
+    rules.fail("network.small_images", "the ImageNet stem downsamples by 32 and needs views of "
+               f"at least 32 px, got {min(sizes)} px; set it to True.")
+
+  labelled = config.data.labelled_batch_size
+  queue = rules.multiple_of(config, "queue.size", num_devices, "the global number of devices")
+  if queue < labelled:
+    rules.fail("queue.size", f"{queue} is smaller than the labelled items written per step "
+               f"(data.labelled_batch_size={labelled}).")
+  rules.integer(config, "semppl.knn_k", low=1, high=queue)
+  rules.integer(config, "semppl.num_semantic_positives", low=1)
+  rules.number(config, "semppl.temperature", 0.0, low_open=True)
+  for field in ("contrastive_weight", "semantic_weight", "invariance_weight"):
+    rules.number(config, f"semppl.{field}", 0.0)
+  batch = labelled + config.data.unlabelled_batch_size
+  if rules.integer(config, "semppl.num_negatives", low=0):
+    rules.integer(config, "semppl.num_negatives", low=1, high=batch - 1)
+  # Ablation switches (optional fields: configs without them run DESIGN.md §2 as written).
+  for field in _LOSS_SWITCHES:
+    if field in config.semppl:
+      if isinstance(_LOSS_SWITCH_DEFAULTS[field], bool):
+        rules.boolean(config, f"semppl.{field}")
+      else:
+        rules.integer(config, f"semppl.{field}", low=0)
+
+  rules.number(config, "optimizer.base_learning_rate", 0.0)
+  rules.number(config, "optimizer.weight_decay", 0.0)
+  rules.number(config, "optimizer.momentum", 0.0, 1.0, high_open=True)
+  rules.number(config, "optimizer.trust_coefficient", 0.0, low_open=True)
+  rules.integer(config, "optimizer.warmup_steps", low=0, high=steps)
+  rules.number(config, "target.base_decay", 0.0, 1.0)
+  rules.number(config, "probe.learning_rate", 0.0, low_open=True)
+
+  rules.batch_divisible(config, "evaluation.batch_size", num_devices=num_devices,
+                        num_processes=num_processes)
+  rules.int_tuple(config, "evaluation.knn_ks", low=1)
+  rules.number(config, "evaluation.knn_temperature", 0.0, low_open=True)
+  rules.integer(config, "evaluation.max_examples", low=0)
+  # Periodic evaluation, image summaries and end-of-run plots (semppl_jax/summaries.py).
+  rules.integer(config, "evaluation.every_steps", low=0)
+  rules.integer(config, "evaluation.subset", low=0)
+  rules.integer(config, "summaries.images_every_steps", low=0)
+  rules.integer(config, "summaries.num_images", low=1)
+  rules.boolean(config, "summaries.plots")
+
+
+_LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
+                  "bn_stats_from_large_views_only")
+_LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
+
+
+def data_description(data: config_dict.ConfigDict) -> str:
+  """'fashion_mnist 10% labels' or 'image_folder <labelled_dir>' (setup lines)."""
+  if data.dataset == "image_folder":
+    return f"image_folder {data.labelled_dir}"
+  return f"{data.dataset} {data.label_percent}% labels"
+
+
+def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.TrainConfig:
+  """The typed hyper-parameters of a (validated) pre-training config."""
+  v, n, s, o = config.views, config.network, config.semppl, config.optimizer
+  presets = tuple(
+      augmentations.ViewPreset(
+          blur_probability=blur, solarize_probability=solarize,
+          blur_sigma_range=tuple(v.blur_sigma_range),
+          color_jitter_probability=v.color_jitter_probability,
+          grayscale_probability=v.grayscale_probability)
+      for blur, solarize in zip(v.blur_probability, v.solarize_probability))
+  return train.TrainConfig(
+      objective=config.objective, num_classes=config.data.num_classes,
+      labelled_batch_size=config.data.labelled_batch_size,
+      unlabelled_batch_size=config.data.unlabelled_batch_size, queue_size=config.queue.size,
+      training_steps=config.training_steps, num_shards=num_shards,
+      views=train.ViewConfig(
+          num_large=v.num_large, num_small=v.num_small, large_size=v.large_size,
+          small_size=v.small_size, large_scale=tuple(v.large_scale),
+          small_scale=tuple(v.small_scale), presets=presets),
+      network=train.NetworkConfig(
+          encoder=n.encoder, width_multiplier=n.width_multiplier, small_images=n.small_images,
+          compute_dtype=n.compute_dtype, remat=n.remat,
+          projector_hidden_size=n.projector_hidden_size,
+          projection_size=n.projection_size, predictor_hidden_size=n.predictor_hidden_size),
+      loss=train.LossConfig(
+          knn_k=s.knn_k, num_semantic_positives=s.num_semantic_positives,
+          temperature=s.temperature, contrastive_weight=s.contrastive_weight,
+          semantic_weight=s.semantic_weight, invariance_weight=s.invariance_weight,
+          num_negatives=s.num_negatives,
+          **{f: s.get(f, _LOSS_SWITCH_DEFAULTS[f]) for f in _LOSS_SWITCHES}),
+      optim=train.OptimConfig(
+          base_learning_rate=o.base_learning_rate, weight_decay=o.weight_decay,
+          momentum=o.momentum, trust_coefficient=o.trust_coefficient,
+          warmup_steps=o.warmup_steps, probe_learning_rate=config.probe.learning_rate,
+          target_base_decay=config.target.base_decay))
+
+
+PROTOCOLS = ("fine_tune", "linear", "knn")
+SOURCES = ("pretrain", "release", "none")
+_EVAL_EXAMPLE = "experiments/eval_fashion_mnist.py"
+_EVAL_FIELDS = (
+    "protocol training_steps log_every_steps checkpoint.source checkpoint.path "
+    "checkpoint.encoder_prefix data.dataset data.data_dir data.label_percent data.num_classes "
+    "data.image_size data.batch_size data.seed data.labelled_dir data.test_dir "
+    "data.eval_split data.skip_corrupt_images network.encoder network.width_multiplier network.small_images "
+    "network.compute_dtype augmentation.crop_size augmentation.crop_scale augmentation.flip "
+    "optimizer.encoder_base_learning_rate optimizer.head_base_learning_rate optimizer.momentum "
+    "optimizer.nesterov optimizer.weight_decay optimizer.warmup_steps evaluation.batch_size "
+    "evaluation.max_examples evaluation.knn_ks evaluation.knn_temperature").split()
+
+
+def validate_eval_config(config: config_dict.ConfigDict, *, num_devices: int,
+                    num_processes: int = 1) -> None:
+  """Checks an evaluation config before anything loads or compiles.
+
+  Raises:
+    ValueError: listing missing fields, or ``config.<field>: ...`` naming a bad one.
+  """
+  rules.require_fields(config, _EVAL_FIELDS, _EVAL_EXAMPLE)
+  protocol = rules.one_of(config, "protocol", PROTOCOLS)
+  steps = rules.integer(config, "training_steps", low=int(protocol != "knn"))
+  rules.integer(config, "log_every_steps", low=1)
+  source = rules.one_of(config, "checkpoint.source", SOURCES)
+  if source != "none" and not config.checkpoint.path:
+    rules.fail("checkpoint.path", f"is required with checkpoint.source={source!r} (a " + (
+        "pre-training run's '<checkpoint_dir>/checkpoints' directory)." if source == "pretrain"
+        else "released .pkl file)."))
+  dataset = rules.one_of(config, "data.dataset", DATASETS)
+  rules.integer(config, "data.num_classes", low=1)
+  if dataset in ("fashion_mnist", "imagenet"):
+    rules.one_of(config, "data.label_percent", (1, 10))
+  image_size = rules.integer(config, "data.image_size", low=1)
+  rules.integer(config, "data.seed", low=0)
+  rules.one_of(config, "data.eval_split", ("test", "validation"))
+  rules.boolean(config, "data.skip_corrupt_images")
+  for field in ("data.batch_size", "evaluation.batch_size"):
+    rules.batch_divisible(config, field, num_devices=num_devices, num_processes=num_processes)
+  crop = rules.integer(config, "augmentation.crop_size", low=1, high=image_size)
+  rules.interval(config, "augmentation.crop_scale", 0.0, 1.0, low_open=True)
+  rules.boolean(config, "augmentation.flip")
+  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
+  rules.integer(config, "network.width_multiplier", low=1)
+  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
+  if rules.boolean(config, "network.small_images") and crop > 64:
+    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
+               f"inputs of at most 64 px, got augmentation.crop_size={crop}; set it to False.")
+  if not config.network.small_images and crop < 32:
+    rules.fail("network.small_images", "the ImageNet stem downsamples by 32 and needs inputs of "
+               f"at least 32 px, got augmentation.crop_size={crop}; set it to True.")
+  for field in ("encoder_base_learning_rate", "head_base_learning_rate", "weight_decay"):
+    rules.number(config, f"optimizer.{field}", 0.0)
+  rules.number(config, "optimizer.momentum", 0.0, 1.0, high_open=True)
+  rules.boolean(config, "optimizer.nesterov")
+  rules.integer(config, "optimizer.warmup_steps", low=0, high=max(steps, 0))
+  rules.integer(config, "evaluation.max_examples", low=0)
+  rules.int_tuple(config, "evaluation.knn_ks", low=1)
+  rules.number(config, "evaluation.knn_temperature", 0.0, low_open=True)
