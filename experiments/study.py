@@ -52,8 +52,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "small": dict(
         label_percents=(1,), objectives=OBJECTIVES, seeds=(0, 1, 2), steps=200,
         warmup_steps=20, curve_every=50, save_every=50,
+        # k = 5 pins the demo's k at the time BENCHMARKS.md's Study numbers were measured (the
+        # demo has since moved to k = 1, chosen on this preset's validation split).
         overrides=(("data.labelled_batch_size", 16), ("data.unlabelled_batch_size", 48),
-                   ("queue.size", 640)),
+                   ("queue.size", 640), ("semppl.knn_k", 5)),
         finetune_steps=50, finetune_grid=((0.005, 0.2), (0.05, 2.0)),
         linear_steps=50, linear_head_lrs=(2.0,)),
     # What issue #10 asks for: 1 % and 10 %, the demo's 1000-step budget and batch, 3 seeds,
