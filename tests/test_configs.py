@@ -19,6 +19,7 @@ from experiments import imagenet_r50_10pct  # noqa: E402
 from experiments import imagenet_r50_1pct  # noqa: E402
 from semppl_jax import eval_experiment  # noqa: E402
 from semppl_jax import experiment  # noqa: E402
+from semppl_jax import experiment_config  # noqa: E402
 
 ALLOWED_SOURCES = {"paper", "ReLICv2", "BYOL", "our choice"}
 
@@ -92,6 +93,8 @@ def test_imagenet_eval_config_matches_its_provenance():
   config = eval_imagenet.get_config()
   c = config.experiment_kwargs.config
   check_against_table(c, eval_imagenet.provenance())
-  assert sorted(flatten(c)) == sorted(eval_experiment._FIELDS)  # pylint: disable=protected-access
+  # Exactly the fields the evaluation experiment requires.
+  required = experiment_config._EVAL_FIELDS  # pylint: disable=protected-access
+  assert sorted(flatten(c)) == sorted(required)
   c.checkpoint.path = "/ckpts/semppl_r50_1pct.pkl"
   eval_experiment.validate_config(c, num_devices=8)
