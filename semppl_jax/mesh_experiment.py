@@ -9,6 +9,7 @@ import time
 from typing import Any, Deque, Dict, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jaxline import experiment as jaxline_experiment
 
@@ -72,7 +73,10 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
         (:meth:`_check_finite`); nothing is saved.
     """
     self._check_finite()
-    return {"train_state": self._state_tree()}
+    # Copies: the checkpointer may read the arrays after the next step has been dispatched, and
+    # that step donates (reuses) the state's buffers; on CPU a host view of a buffer is no copy.
+    copy = lambda x: jnp.copy(x) if isinstance(x, jax.Array) else x
+    return {"train_state": jax.tree_util.tree_map(copy, self._state_tree())}
 
   def _check_finite(self) -> None:
     """Raises ``FloatingPointError('step N: non-finite <check> ...')`` if a step was refused as
