@@ -34,6 +34,8 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+import haiku_testlib
+
 from semppl_jax import checkpointing
 from semppl_jax import networks
 from semppl_jax.data import fashion_mnist
@@ -130,24 +132,6 @@ def test_notebooks_are_committed_with_outputs(name, min_pngs):
 # ----------------------------------------------------------------------------------------------
 
 
-def _random_like(shapes, seed):
-  """Random values for a Haiku (params, state) shape tree: He-scaled weights, unit BN scales
-  and variances, zero offsets / means / counters (finite activations in inference mode)."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    module, name = path[-2].key, path[-1].key  # (tree index, module, name)
-    if np.issubdtype(s.dtype, np.integer):
-      return np.zeros(s.shape, s.dtype)
-    if name == "w":
-      return (rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype(s.dtype)
-    if name == "scale" or module.endswith("var_ema"):
-      return np.ones(s.shape, s.dtype)
-    return np.zeros(s.shape, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 @pytest.fixture(scope="module")
 def release_file(tmp_path_factory):
   """A random ResNet-18 + projector head in the release format; (path, #arrays, #params)."""
@@ -156,7 +140,7 @@ def release_file(tmp_path_factory):
     return networks.make_encoder("resnet18")(images, is_training=True)
 
   # Shapes only (no compilation), then numpy values: keeps the fixture fast.
-  params, state = _random_like(jax.eval_shape(
+  params, state = haiku_testlib.random_like(jax.eval_shape(
       hk.transform_with_state(forward).init, jax.random.PRNGKey(3),
       jnp.zeros((1, 32, 32, 3), jnp.float32)), seed=3)
   rng = np.random.default_rng(0)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import haiku_testlib
+
 from semppl_jax import augmentations
 from semppl_jax import checkpointing
 from semppl_jax import networks
@@ -30,19 +32,7 @@ def _random_encoder(seed=3):
 
   shapes = jax.eval_shape(hk.transform_with_state(forward).init, jax.random.PRNGKey(0),
                           jnp.zeros((1, SIZE, SIZE, 3)))
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    module, name = path[-2].key, path[-1].key
-    if np.issubdtype(s.dtype, np.integer):
-      return np.zeros(s.shape, s.dtype)
-    if name == "w":
-      return (rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1]))).astype(s.dtype)
-    if name == "scale" or module.endswith("var_ema"):
-      return np.ones(s.shape, s.dtype)
-    return np.zeros(s.shape, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
+  return haiku_testlib.random_like(shapes, seed)
 
 
 def _image(rng, colour):
