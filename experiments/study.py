@@ -516,6 +516,13 @@ def render_plots(results: Sequence[Mapping[str, Any]], plot_dir: str) -> List[st
     by_percent.setdefault((percent, tag), {})[objective] = runs
     if objective == "semppl":
       variants.setdefault(percent, {})[f"semppl {tag or 'default'}"] = runs
+  # A variant's figure also shows the default runs of the objectives it lacks (an ablation that
+  # reruns only SemPPL is still drawn against the baselines).
+  for (percent, tag), lines in by_percent.items():
+    if tag:
+      for objective, runs in by_percent.get((percent, ""), {}).items():
+        if objective not in lines:
+          lines[f"{objective} (default)"] = runs
   figures = [(f"Fashion-MNIST, {percent} % labels ({tag or 'default'})",
               f"curves_p{percent}_{tag or 'default'}.png", lines)
              for (percent, tag), lines in by_percent.items()]
@@ -619,8 +626,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--objectives", default="")
   parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
   parser.add_argument("--tag", default="", help="names a variant (with --set)")
-  parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                      help="pre-training config overrides, e.g. semppl.knn_k=1")
+  # extend: `--set a=1 --set b=2` keeps both (a plain nargs='*' kept only the last --set).
+  parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
+                      help="pre-training config overrides, e.g. semppl.knn_k=1; repeatable")
   parser.add_argument("--render_only", action="store_true")
   parser.add_argument("--in_process", action="store_true",
                       help="run each run in this process instead of a subprocess")
