@@ -31,14 +31,7 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
   steps = rules.integer(config, "training_steps", low=1)
   rules.integer(config, "log_every_steps", low=1)
   rules.boolean(config, "evaluate_at_end")
-  dataset = rules.one_of(config, "data.dataset", DATASETS)
-  rules.integer(config, "data.num_classes", low=1)
-  image_size = rules.integer(config, "data.image_size", low=1)
-  rules.integer(config, "data.seed", low=0)
-  rules.one_of(config, "data.eval_split", ("test", "validation"))
-  rules.boolean(config, "data.skip_corrupt_images")
-  if dataset in ("fashion_mnist", "imagenet"):
-    rules.one_of(config, "data.label_percent", (1, 10))
+  image_size = _check_data(config)
   for field in ("data.labelled_batch_size", "data.unlabelled_batch_size"):
     if field.endswith("unlabelled_batch_size") and rules.get(config, field) == 0:
       continue  # No unlabelled images is allowed (the supervised baseline's data).
@@ -68,18 +61,11 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
       rules.number({"views": {name: {str(i): v[name][i]}}}, f"views.{name}.{i}", 0.0, 1.0)
   rules.interval(config, "views.blur_sigma_range", 0.0, 100.0, low_open=True)
 
-  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
-  rules.integer(config, "network.width_multiplier", low=1)
-  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
+  _check_encoder(config, min(sizes), max(sizes), largest_is=f"views of {max(sizes)} px",
+                 smallest_is=f"{min(sizes)} px", inputs="views")
   rules.one_of(config, "network.remat", networks.REMAT_POLICIES)
   for field in ("projector_hidden_size", "projection_size", "predictor_hidden_size"):
     rules.integer(config, f"network.{field}", low=1)
-  if rules.boolean(config, "network.small_images") and max(sizes) > 64:
-    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
-               f"inputs of at most 64 px, got views of {max(sizes)} px; set it to False.")
-  if not config.network.small_images and min(sizes) < 32:
-    rules.fail("network.small_images", "the ImageNet stem downsamples by 32 and needs views of "
-               f"at least 32 px, got {min(sizes)} px; set it to True.")
 
   labelled = config.data.labelled_batch_size
   queue = rules.multiple_of(config, "queue.size", num_devices, "the global number of devices")
@@ -127,6 +113,33 @@ _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
                   "bn_stats_from_large_views_only")
 _LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
 
+
+
+def _check_data(config: config_dict.ConfigDict) -> int:
+  """The ``data.*`` fields both experiments share; returns ``data.image_size``."""
+  dataset = rules.one_of(config, "data.dataset", DATASETS)
+  rules.integer(config, "data.num_classes", low=1)
+  image_size = rules.integer(config, "data.image_size", low=1)
+  rules.integer(config, "data.seed", low=0)
+  rules.one_of(config, "data.eval_split", ("test", "validation"))
+  rules.boolean(config, "data.skip_corrupt_images")
+  if dataset in ("fashion_mnist", "imagenet"):
+    rules.one_of(config, "data.label_percent", (1, 10))
+  return image_size
+
+
+def _check_encoder(config: config_dict.ConfigDict, smallest: int, largest: int, *,
+                   largest_is: str, smallest_is: str, inputs: str) -> None:
+  """The encoder fields both experiments share, and its stem against the input sizes (px)."""
+  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
+  rules.integer(config, "network.width_multiplier", low=1)
+  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
+  if rules.boolean(config, "network.small_images") and largest > 64:
+    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
+               f"inputs of at most 64 px, got {largest_is}; set it to False.")
+  if not config.network.small_images and smallest < 32:
+    rules.fail("network.small_images", f"the ImageNet stem downsamples by 32 and needs {inputs} "
+               f"of at least 32 px, got {smallest_is}; set it to True.")
 
 def data_description(data: config_dict.ConfigDict) -> str:
   """'fashion_mnist 10% labels' or 'image_folder <labelled_dir>' (setup lines)."""
@@ -202,28 +215,15 @@ def validate_eval_config(config: config_dict.ConfigDict, *, num_devices: int,
     rules.fail("checkpoint.path", f"is required with checkpoint.source={source!r} (a " + (
         "pre-training run's '<checkpoint_dir>/checkpoints' directory)." if source == "pretrain"
         else "released .pkl file)."))
-  dataset = rules.one_of(config, "data.dataset", DATASETS)
-  rules.integer(config, "data.num_classes", low=1)
-  if dataset in ("fashion_mnist", "imagenet"):
-    rules.one_of(config, "data.label_percent", (1, 10))
-  image_size = rules.integer(config, "data.image_size", low=1)
-  rules.integer(config, "data.seed", low=0)
-  rules.one_of(config, "data.eval_split", ("test", "validation"))
-  rules.boolean(config, "data.skip_corrupt_images")
+  image_size = _check_data(config)
   for field in ("data.batch_size", "evaluation.batch_size"):
     rules.batch_divisible(config, field, num_devices=num_devices, num_processes=num_processes)
   crop = rules.integer(config, "augmentation.crop_size", low=1, high=image_size)
   rules.interval(config, "augmentation.crop_scale", 0.0, 1.0, low_open=True)
   rules.boolean(config, "augmentation.flip")
-  rules.one_of(config, "network.encoder", networks.ENCODER_NAMES)
-  rules.integer(config, "network.width_multiplier", low=1)
-  rules.one_of(config, "network.compute_dtype", ("float32", "bfloat16"))
-  if rules.boolean(config, "network.small_images") and crop > 64:
-    rules.fail("network.small_images", "the small-image stem (3x3 stride 1, no max-pool) is for "
-               f"inputs of at most 64 px, got augmentation.crop_size={crop}; set it to False.")
-  if not config.network.small_images and crop < 32:
-    rules.fail("network.small_images", "the ImageNet stem downsamples by 32 and needs inputs of "
-               f"at least 32 px, got augmentation.crop_size={crop}; set it to True.")
+  described = f"augmentation.crop_size={crop}"
+  _check_encoder(config, crop, crop, largest_is=described, smallest_is=described,
+                 inputs="inputs")
   for field in ("encoder_base_learning_rate", "head_base_learning_rate", "weight_decay"):
     rules.number(config, f"optimizer.{field}", 0.0)
   rules.number(config, "optimizer.momentum", 0.0, 1.0, high_open=True)
