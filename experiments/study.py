@@ -61,8 +61,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         linear_steps=50, linear_head_lrs=(2.0,)),
     # Five times the small preset's steps at its batch: the demo's 1000 steps, so the
     # pseudo-labeller gets past its first few hundred steps (at 200 steps its votes are ~33 %
-    # right). k is the demo's (1, chosen on the small preset's validation split). About 45
-    # minutes for the nine 1 % runs on an idle 2-core machine.
+    # right). k is the demo's (1, chosen on the small preset's validation split). Measured on an
+    # idle 2-core machine: 36 minutes for the nine 1 % runs, 40 for the nine at 10 %.
     "long": dict(
         label_percents=(1,), objectives=OBJECTIVES, seeds=(0, 1, 2), steps=1000,
         warmup_steps=100, curve_every=100, save_every=200,
