@@ -325,14 +325,20 @@ def _evaluate_protocol(spec: RunSpec, run_dir: str, protocol: str, steps: int,
   return out
 
 
-def run_evaluations(spec: RunSpec, run_dir: str) -> Dict[str, Any]:
-  """kNN, the linear grid and the fine-tune grid; each grid point cached in ``evals/``."""
+def evaluation_jobs(spec: RunSpec) -> List[Tuple[str, str, int, float, float]]:
+  """(name, protocol, steps, encoder lr, head lr) of every evaluation of ``spec``: kNN, the
+  linear grid and the fine-tune grid."""
   jobs = [("knn", "knn", 0, 0.0, 0.0)]
   jobs += [(f"linear_h{h:g}", "linear", spec.linear_steps, 0.0, h) for h in spec.linear_head_lrs]
   jobs += [(f"fine_tune_e{e:g}_h{h:g}", "fine_tune", spec.finetune_steps, e, h)
            for e, h in spec.finetune_grid]
+  return jobs
+
+
+def run_evaluations(spec: RunSpec, run_dir: str) -> Dict[str, Any]:
+  """Every evaluation of ``evaluation_jobs``; each grid point cached in ``evals/``."""
   evals = {}
-  for name, protocol, steps, encoder_lr, head_lr in jobs:
+  for name, protocol, steps, encoder_lr, head_lr in evaluation_jobs(spec):
     path = os.path.join(run_dir, "evals", f"{name}.json")
     done = read_json(path)
     if done is None:

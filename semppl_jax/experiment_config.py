@@ -114,7 +114,6 @@ _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
 _LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
 
 
-
 def _check_data(config: config_dict.ConfigDict) -> int:
   """The ``data.*`` fields both experiments share; returns ``data.image_size``."""
   dataset = rules.one_of(config, "data.dataset", DATASETS)
@@ -140,6 +139,7 @@ def _check_encoder(config: config_dict.ConfigDict, smallest: int, largest: int, 
   if not config.network.small_images and smallest < 32:
     rules.fail("network.small_images", f"the ImageNet stem downsamples by 32 and needs {inputs} "
                f"of at least 32 px, got {smallest_is}; set it to True.")
+
 
 def data_description(data: config_dict.ConfigDict) -> str:
   """'fashion_mnist 10% labels' or 'image_folder <labelled_dir>' (setup lines)."""

@@ -82,16 +82,17 @@ def test_every_preset_builds_configs_that_validate(preset):
   # A preset is only data: a wrong override or an invalid value would otherwise surface an hour
   # into a study, when its run starts.
   from semppl_jax import experiment_config  # pylint: disable=g-import-not-at-top
-  specs = study.make_specs(study.PRESETS[preset], label_percents=study.PRESETS[preset][
-      "label_percents"], objectives=study.OBJECTIVES, seeds=(0,))
+  settings = study.PRESETS[preset]
+  specs = study.make_specs(settings, label_percents=settings["label_percents"],
+                           objectives=study.OBJECTIVES, seeds=(0,))
   for spec in specs:
     pretrain = study.pretrain_config(spec)
     experiment_config.validate_pretrain_config(pretrain, num_devices=1)
     assert (pretrain.objective, pretrain.data.label_percent) == (spec.objective,
                                                                  spec.label_percent)
-    for protocol, steps, (encoder_lr, head_lr) in (
-        ("knn", 0, (0.0, 0.0)), ("linear", spec.linear_steps, (0.0, spec.linear_head_lrs[0])),
-        ("fine_tune", spec.finetune_steps, spec.finetune_grid[0])):
+    jobs = study.evaluation_jobs(spec)
+    assert len(jobs) == 1 + len(spec.linear_head_lrs) + len(spec.finetune_grid)
+    for _, protocol, steps, encoder_lr, head_lr in jobs:
       c = study.eval_config(spec, protocol, "validation", "/nonexistent", steps, encoder_lr,
                             head_lr)
       experiment_config.validate_eval_config(c, num_devices=1)
