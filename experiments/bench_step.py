@@ -35,7 +35,7 @@ Usage:
   python experiments/bench_step.py --paper-memory       # AOT memory at the paper's batch
   python experiments/bench_step.py --train-steps 20     # also a short ImageNet-shape run
 
-``--train-steps N`` then runs the real experiment (``semppl_jax.experiment.Experiment`` through
+``--train-steps N`` then runs the real experiment (``semppl_jax.jaxline.experiment.Experiment`` through
 its jaxline loop) for N steps on the ImageNet config at the ``r50`` per-device batch on every
 local device, on tfds mock data unless ``--imagenet-dir`` holds ImageNet, and reports steps/s.
 """
@@ -84,7 +84,7 @@ def on_accelerator() -> bool:
 def demo_config(tiny: bool):
   """(experiment config, TrainConfig) of experiments/fashion_mnist.py (shrunk with tiny)."""
   from experiments import fashion_mnist  # pylint: disable=g-import-not-at-top
-  from semppl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
   c = fashion_mnist.get_config().experiment_kwargs.config
   if tiny:
     c.data.update(dict(labelled_batch_size=8, unlabelled_batch_size=8, label_percent=1))
@@ -100,7 +100,7 @@ def r50_config(objective: str, labelled: int, unlabelled: int, dtype: str, remat
   """TrainConfig of the ImageNet config (experiments/imagenet_r50.py) at a per-device batch."""
   _, _, train = _imports()
   from experiments import imagenet_r50  # pylint: disable=g-import-not-at-top
-  from semppl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
   c = imagenet_r50.get_config(10).experiment_kwargs.config
   c.objective = objective
   c.data.update(dict(labelled_batch_size=labelled, unlabelled_batch_size=unlabelled))
@@ -150,7 +150,7 @@ def _mesh_and_put(jax):
 def build_variants(args):
   """The variants to time, their configs and batches (nothing is compiled yet)."""
   jax, _, _ = _imports()
-  from semppl_jax import data_source  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import data_source  # pylint: disable=g-import-not-at-top
   _, put = _mesh_and_put(jax)
   variants = []
 
@@ -375,10 +375,10 @@ def paper_memory(args):
 def train_run(args):
   """A short run of the real experiment on the ImageNet config; returns (steps/s, stdout)."""
   jax, _, _ = _imports()
-  from semppl_jax import jaxline_compat  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import compat as jaxline_compat  # pylint: disable=g-import-not-at-top
   jaxline_compat.install()
   from experiments import imagenet_r50  # pylint: disable=g-import-not-at-top
-  from semppl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
   n = jax.device_count()
   config = imagenet_r50.get_config(10)
   c = config.experiment_kwargs.config

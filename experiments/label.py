@@ -48,7 +48,7 @@ from semppl_jax import knn  # noqa: E402  pylint: disable=g-import-not-at-top
 from semppl_jax import losses  # noqa: E402  pylint: disable=g-import-not-at-top
 from semppl_jax import networks  # noqa: E402  pylint: disable=g-import-not-at-top
 from semppl_jax import parallel  # noqa: E402  pylint: disable=g-import-not-at-top
-from semppl_jax import summaries  # noqa: E402  pylint: disable=g-import-not-at-top
+from semppl_jax.jaxline import summaries  # noqa: E402  pylint: disable=g-import-not-at-top
 from semppl_jax import data as data_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from semppl_jax.data import image_folder  # noqa: E402  pylint: disable=g-import-not-at-top
 

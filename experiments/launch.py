@@ -5,8 +5,8 @@
         --config.experiment_kwargs.config.objective=relic --config.training_steps=200
 
 The config's ``experiment_class`` picks the experiment: ``'pretrain'`` (SemPPL pre-training,
-semppl_jax.experiment) or ``'eval'`` (fine-tune / linear / kNN evaluation,
-semppl_jax.eval_experiment). Checkpoints go to ``<checkpoint_dir>/checkpoints`` through Orbax; a
+semppl_jax.jaxline.experiment) or ``'eval'`` (fine-tune / linear / kNN evaluation,
+semppl_jax.jaxline.eval_experiment). Checkpoints go to ``<checkpoint_dir>/checkpoints`` through Orbax; a
 restarted run resumes from the latest one. Multi-host: pass --coordinator_address, --num_processes
 and --process_id on every host, or --distributed_auto on a TPU slice / under SLURM or Open MPI
 (jax detects the cluster). The --*_timeout_s flags bound how long the healthy processes wait for a
@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Importable without `pip install -e .` too (run from a checkout).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from semppl_jax import jaxline_compat  # pylint: disable=g-import-not-at-top
+from semppl_jax.jaxline import compat as jaxline_compat  # pylint: disable=g-import-not-at-top
 
 jaxline_compat.install()
 
@@ -64,10 +64,10 @@ def checkpointer_factory(config, mode):
 
 def experiment_class_for(name):
   if name == "pretrain":
-    from semppl_jax import experiment  # pylint: disable=g-import-not-at-top
+    from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
     return experiment.Experiment
   if name == "eval":
-    from semppl_jax import eval_experiment  # pylint: disable=g-import-not-at-top
+    from semppl_jax.jaxline import eval_experiment  # pylint: disable=g-import-not-at-top
     return eval_experiment.EvalExperiment
   raise ValueError(f"config.experiment_class: got {name!r}, allowed: 'pretrain', 'eval'.")
 

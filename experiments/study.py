@@ -16,7 +16,7 @@ Protocol of every run (settings are chosen on validation data, numbers are repor
   from the unlabelled pool, so neither split is ever seen in pre-training. Every
   ``curve_every`` steps: the window means of pseudo-label accuracy and semantic-positive purity
   and the weighted kNN top-1 on the validation split (the curves).
-* The final encoder under the three protocols (``semppl_jax.eval_experiment``), each on the
+* The final encoder under the three protocols (``semppl_jax.jaxline.eval_experiment``), each on the
   validation AND the test split from the same trained weights: kNN (k = 20, 200), linear and
   fine-tune over a small grid of head / encoder learning rates that is the same for every
   encoder; the grid point with the best validation top-1 is the reported one (its test top-1).
@@ -259,7 +259,7 @@ def run_pretraining(spec: RunSpec, run_dir: str) -> Dict[str, Any]:
   """Pre-trains (resuming from ``run_dir``'s checkpoint) and returns curves + final monitors."""
   import jax  # pylint: disable=g-import-not-at-top
   from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from semppl_jax import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
 
   config = pretrain_config(spec)
   exp = experiment.Experiment("train", jax.random.PRNGKey(spec.seed), config)
@@ -306,7 +306,7 @@ def _evaluate_protocol(spec: RunSpec, run_dir: str, protocol: str, steps: int,
   built for 'validation' is trained once and its trained state evaluated on both splits.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from semppl_jax import eval_experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import eval_experiment  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(run_dir, "checkpoints")
   out = {}
@@ -391,7 +391,7 @@ def summarise(spec: RunSpec, pretrain: Mapping[str, Any], evals: Mapping[str, An
 
 def run_worker(spec: RunSpec, out: str) -> Dict[str, Any]:
   """One whole run in this process; writes and returns its result JSON."""
-  from semppl_jax import jaxline_compat  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import compat as jaxline_compat  # pylint: disable=g-import-not-at-top
   jaxline_compat.install()
   run_dir = os.path.join(out, "runs", spec.run_id)
   os.makedirs(run_dir, exist_ok=True)

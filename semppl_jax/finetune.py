@@ -5,7 +5,7 @@
 * ``linear``: frozen encoder (BatchNorm in inference mode, no gradient), linear head.
 
 Both use SGD (Nesterov momentum by default) on a warm-up + cosine schedule, with weight decay on
-weights only. The evaluation experiment (``semppl_jax/eval_experiment.py``) jits
+weights only. The evaluation experiment (``semppl_jax/jaxline/eval_experiment.py``) jits
 :func:`train_step` over its mesh; everything here is an argument.
 """
 import dataclasses

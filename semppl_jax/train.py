@@ -1,7 +1,7 @@
 """The SemPPL update as pure functions: typed hyper-parameters, a train state, one step.
 
 Everything here is an argument: no config dicts, flags or globals. The jaxline experiment
-(``semppl_jax/experiment.py``) turns its ConfigDict into a :class:`TrainConfig` once, builds the
+(``semppl_jax/jaxline/experiment.py``) turns its ConfigDict into a :class:`TrainConfig` once, builds the
 state with :func:`init_train_state`, places it with :func:`train_state_shardings` and calls
 :func:`train_step` under ``jax.jit`` inside ``jax.set_mesh(mesh)``.
 

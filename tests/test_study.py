@@ -81,7 +81,7 @@ def test_pretrain_config_applies_the_spec():
 def test_every_preset_builds_configs_that_validate(preset):
   # A preset is only data: a wrong override or an invalid value would otherwise surface an hour
   # into a study, when its run starts.
-  from semppl_jax import experiment_config  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment_config  # pylint: disable=g-import-not-at-top
   settings = study.PRESETS[preset]
   specs = study.make_specs(settings, label_percents=settings["label_percents"],
                            objectives=study.OBJECTIVES, seeds=(0,))

@@ -186,7 +186,7 @@ def test_orbax_checkpointer_async_save(tmp_path, mesh):
 def test_orbax_checkpointer_drives_jaxline_train_and_resumes(tmp_path):
   """jaxline's own train loop with our checkpointer; a second run resumes instead of restarting."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from semppl_jax import jaxline_compat  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import compat as jaxline_compat  # pylint: disable=g-import-not-at-top
   jaxline_compat.install()
   from jaxline import base_config, experiment, train  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():

@@ -18,14 +18,14 @@ from ml_collections import config_dict
 
 from semppl_jax import augmentations
 from semppl_jax import evaluation
-from semppl_jax import experiment_config
+from semppl_jax.jaxline import experiment_config
 from semppl_jax import knn
 from semppl_jax import losses
-from semppl_jax import mesh_experiment
-from semppl_jax import monitoring
+from semppl_jax.jaxline import mesh_experiment
+from semppl_jax.jaxline import monitoring
 from semppl_jax import parallel
 from semppl_jax import train
-from semppl_jax.data_source import DataSource, Views
+from semppl_jax.jaxline.data_source import DataSource, Views
 
 # The config schema lives in experiment_config; these names stay importable from here.
 DATASETS = experiment_config.DATASETS

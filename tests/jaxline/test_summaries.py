@@ -1,4 +1,4 @@
-"""Tests of semppl_jax/summaries.py and of the pre-training run's pictures, periodic evaluations
+"""Tests of semppl_jax/jaxline/summaries.py and of the pre-training run's pictures, periodic evaluations
 and end-of-run plots (the launcher in a subprocess with the tiny config)."""
 import copy
 import json
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semppl_jax import experiment
+from semppl_jax.jaxline import experiment
 from semppl_jax import knn
 from semppl_jax import losses
 from semppl_jax import queue as queue_lib
-from semppl_jax import summaries
+from semppl_jax.jaxline import summaries
 from semppl_jax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_CONFIG = os.path.join(ROOT, "tests", "configs", "tiny_fashion_mnist.py")
 sys.path.insert(0, os.path.join(ROOT, "tests", "configs"))
 import tiny_fashion_mnist  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,5 +1,5 @@
 """Training monitors of the pre-training experiment: periodic evaluation, image summaries and
-end-of-run plots (the pure pieces are in ``semppl_jax/summaries.py``).
+end-of-run plots (the pure pieces are in ``semppl_jax/jaxline/summaries.py``).
 
 A mixin of jaxline glue: ``MeshExperiment.train_loop`` calls ``_begin_run``, ``_after_step`` and
 ``_end_run`` on every process (the computations are collective); only process 0 prints, writes
@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from semppl_jax import knn
-from semppl_jax import mesh_experiment
+from semppl_jax.jaxline import mesh_experiment
 from semppl_jax import parallel
-from semppl_jax import summaries
+from semppl_jax.jaxline import summaries
 from semppl_jax import train
 
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the SemPPL pre-training experiment (semppl_jax.experiment).
+"""End-to-end tests of the SemPPL pre-training experiment (semppl_jax.jaxline.experiment).
 
 Runs go through the real launcher (experiments/launch.py) in subprocesses, on 8 fake CPU
 devices, with the tiny config in tests/configs. Config validation is tested in-process. A killed
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semppl_jax import experiment
+from semppl_jax.jaxline import experiment
 
 from launch_util import ROOT
 from launch_util import final_module_state as _final_module_state

@@ -27,12 +27,12 @@ from ml_collections import config_dict
 from semppl_jax import checkpointing
 from semppl_jax import encoder_sources
 from semppl_jax import evaluation
-from semppl_jax import experiment_config
+from semppl_jax.jaxline import experiment_config
 from semppl_jax import finetune
-from semppl_jax import mesh_experiment
+from semppl_jax.jaxline import mesh_experiment
 from semppl_jax import parallel
 from semppl_jax import train
-from semppl_jax.data_source import DataSource, Views
+from semppl_jax.jaxline.data_source import DataSource, Views
 
 # The config schema lives in experiment_config; these names stay importable from here.
 PROTOCOLS = experiment_config.PROTOCOLS

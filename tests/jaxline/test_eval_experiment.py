@@ -1,4 +1,4 @@
-"""Tests for semppl_jax.eval_experiment: fine-tune / linear / kNN evaluation on Fashion-MNIST.
+"""Tests for semppl_jax.jaxline.eval_experiment: fine-tune / linear / kNN evaluation on Fashion-MNIST.
 
 Tiny setting throughout: tiny_resnet (small-image stem), 16 px views, 1 % labels (600 labelled
 images), 32 labelled images per step, 200 test images, 8 fake CPU devices. The encoders under
@@ -17,10 +17,10 @@ import pytest
 
 from semppl_jax import checkpointing as ck
 from semppl_jax import encoder_sources
-from semppl_jax import eval_experiment as ev
-from semppl_jax import jaxline_compat
+from semppl_jax.jaxline import eval_experiment as ev
+from semppl_jax.jaxline import compat as jaxline_compat
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 from experiments import eval_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import eval_imagenet  # pylint: disable=g-import-not-at-top,wrong-import-position

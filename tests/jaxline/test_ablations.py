@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from semppl_jax import augmentations
-from semppl_jax import experiment
+from semppl_jax.jaxline import experiment
 from semppl_jax import queue as queue_lib
 from semppl_jax import train
 

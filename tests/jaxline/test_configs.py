@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 # The checkout must be on sys.path before the experiments package is imported.
@@ -17,9 +17,9 @@ from experiments import eval_imagenet  # noqa: E402
 from experiments import imagenet_r50  # noqa: E402
 from experiments import imagenet_r50_10pct  # noqa: E402
 from experiments import imagenet_r50_1pct  # noqa: E402
-from semppl_jax import eval_experiment  # noqa: E402
-from semppl_jax import experiment  # noqa: E402
-from semppl_jax import experiment_config  # noqa: E402
+from semppl_jax.jaxline import eval_experiment  # noqa: E402
+from semppl_jax.jaxline import experiment  # noqa: E402
+from semppl_jax.jaxline import experiment_config  # noqa: E402
 
 ALLOWED_SOURCES = {"paper", "ReLICv2", "BYOL", "our choice"}
 

@@ -1,10 +1,10 @@
-"""Tests for semppl_jax.config_rules: every rule names the field, the value and what is allowed."""
+"""Tests for semppl_jax.jaxline.config_rules: every rule names the field, the value and what is allowed."""
 import math
 
 from ml_collections import config_dict
 import pytest
 
-from semppl_jax import config_rules as rules
+from semppl_jax.jaxline import config_rules as rules
 
 
 def _config(**data):

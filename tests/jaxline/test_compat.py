@@ -1,4 +1,4 @@
-"""jaxline 0.0.8 runs on current JAX once semppl_jax.jaxline_compat.install() has run."""
+"""jaxline 0.0.8 runs on current JAX once semppl_jax.jaxline.compat.install() has run."""
 import os
 import subprocess
 import sys
@@ -7,13 +7,13 @@ import textwrap
 import jax
 import numpy as np
 
-from semppl_jax import jaxline_compat
+from semppl_jax.jaxline import compat as jaxline_compat
 
 _DUMMY_LAUNCHER = textwrap.dedent('''
     import functools, sys
     from absl import app
     import jax, jax.numpy as jnp, numpy as np
-    from semppl_jax import jaxline_compat
+    from semppl_jax.jaxline import compat as jaxline_compat
     jaxline_compat.install()
     from jaxline import base_config, experiment, platform
 

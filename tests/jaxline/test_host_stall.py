@@ -21,9 +21,9 @@ from jax._src import array as jax_array
 from jax._src import config as jax_config
 from jaxline import utils as jaxline_utils
 
-from semppl_jax import experiment
+from semppl_jax.jaxline import experiment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "configs"))
 import tiny_fashion_mnist  # noqa: E402  # pylint: disable=g-import-not-at-top,wrong-import-position
 

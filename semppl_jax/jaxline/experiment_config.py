@@ -1,14 +1,14 @@
 """The experiments' config schema: every field checked before anything loads or compiles, and
 the mapping of a checked config to the typed arguments of the pure modules.
 
-Part of the jaxline layer: ``semppl_jax/experiment.py`` (pre-training) and
-``semppl_jax/eval_experiment.py`` (evaluation) call these, and nothing below them reads a config.
-Each error is ``ValueError("config.<field>: ...")`` (``semppl_jax.config_rules``).
+Part of the jaxline layer: ``semppl_jax/jaxline/experiment.py`` (pre-training) and
+``semppl_jax/jaxline/eval_experiment.py`` (evaluation) call these, and nothing below them reads a config.
+Each error is ``ValueError("config.<field>: ...")`` (``semppl_jax.jaxline.config_rules``).
 """
 from ml_collections import config_dict
 
 from semppl_jax import augmentations
-from semppl_jax import config_rules as rules
+from semppl_jax.jaxline import config_rules as rules
 from semppl_jax import networks
 from semppl_jax import train
 
@@ -101,7 +101,7 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
   rules.int_tuple(config, "evaluation.knn_ks", low=1)
   rules.number(config, "evaluation.knn_temperature", 0.0, low_open=True)
   rules.integer(config, "evaluation.max_examples", low=0)
-  # Periodic evaluation, image summaries and end-of-run plots (semppl_jax/summaries.py).
+  # Periodic evaluation, image summaries and end-of-run plots (semppl_jax/jaxline/summaries.py).
   rules.integer(config, "evaluation.every_steps", low=0)
   rules.integer(config, "evaluation.subset", low=0)
   rules.integer(config, "summaries.images_every_steps", low=0)
