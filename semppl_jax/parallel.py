@@ -57,6 +57,18 @@ def ambient_data_axis_size() -> int:
   return mesh.shape[DATA_AXIS]
 
 
+def shard_batch(x: jax.Array) -> jax.Array:
+  """``x`` constrained to be split along its first (batch) axis over the ambient ``'data'`` axis.
+
+  Inside a jitted function under ``jax.set_mesh(mesh)`` this pins the layout where GSPMD might
+  otherwise choose to replicate (e.g. at a network's input); without an ambient data axis (one
+  device, or inside a ``shard_map`` over ``'data'``) it returns ``x`` unchanged.
+  """
+  if ambient_data_axis_size() == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(DATA_AXIS))
+
+
 def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
   """Assembles global arrays, sharded along their leading axis, from per-process data.
 

@@ -444,11 +444,15 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   lab_rows = labelled_rows(config, n)
   is_labelled = jnp.zeros((B,), bool).at[lab_rows].set(True)
   # Views flattened to one batch per size: one network call each, BatchNorm over all of them.
-  flat = lambda x: augmentations.normalize(einops.rearrange(x, "v b ... -> (v b) ..."))
+  # Batch-major ('(b v)'): with the batch sharded, each device's rows stay one contiguous block
+  # (its images' views), so the encoder runs on the local shard. A view-major '(v b)' flatten
+  # interleaves the shards and makes GSPMD gather every view onto every device.
+  flat = lambda x: parallel.shard_batch(
+      augmentations.normalize(einops.rearrange(x, "v b ... -> (b v) ...")))
 
   (emb_l, _, pred_l), online_state = nets.online.apply(
       online_params, state.online_state, None, flat(large), True)
-  emb_l = einops.rearrange(emb_l, "(v b) f -> v b f", v=L)
+  emb_l = einops.rearrange(emb_l, "(b v) f -> v b f", v=L)
 
   # The probe reads a stop-gradient embedding, so it monitors the representation without
   # shaping it -- except in the supervised baseline, where its cross-entropy is the objective.
@@ -463,19 +467,20 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   if not objective.contrastive:
     return probe_ce, _Forward(metrics, online_state, None, None, true_labels)
 
-  predictions = pred_l
+  predictions = einops.rearrange(pred_l, "(b v) d -> v b d", v=L)
   if S:
     (_, _, pred_s), small_state = nets.online.apply(
         online_params, online_state, None, flat(small), True)
     if not config.loss.bn_stats_from_large_views_only:
       online_state = small_state
-    predictions = jnp.concatenate([pred_l, pred_s], axis=0)
-  online = losses.l2_normalize(einops.rearrange(predictions, "(v b) d -> v b d", b=B))
+    predictions = jnp.concatenate(
+        [predictions, einops.rearrange(pred_s, "(b v) d -> v b d", v=S)], axis=0)
+  online = losses.l2_normalize(predictions)
 
   target_proj, target_state = nets.target.apply(
       target_params, state.target_state, None, flat(large), True)
   target_proj = jax.lax.stop_gradient(
-      losses.l2_normalize(einops.rearrange(target_proj, "(v b) d -> v b d", v=L)))
+      losses.l2_normalize(einops.rearrange(target_proj, "(b v) d -> v b d", v=L)))
 
   # Pseudo-labels from the queues as they were before this step's enqueue.
   pseudo = knn.pseudo_labels(jax.lax.stop_gradient(online[:L]), state.queue,
