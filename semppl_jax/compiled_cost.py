@@ -78,8 +78,10 @@ def collectives(hlo_text: str) -> List[Collective]:
       continue
     result_type = m.group(1)
     arrays = _ARRAY.findall(result_type)
-    if m.group(3):  # '-start' results hold (operands..., results...): keep the second half.
-      arrays = arrays[len(arrays) // 2:] if len(arrays) > 1 else arrays
+    if m.group(3) and m.group(2) == "all-gather" and len(arrays) > 1:
+      arrays = arrays[len(arrays) // 2:]  # all-gather-start returns (operands, results).
+    elif m.group(3) and m.group(2) == "collective-permute" and len(arrays) > 1:
+      arrays = arrays[1:2]  # (operand, result, contexts...).
     found.append(Collective(m.group(2), tuple(f"{t}[{d}]" for t, d in arrays),
                             sum(_array_bytes(t, d) for t, d in arrays)))
   return found
