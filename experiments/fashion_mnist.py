@@ -104,6 +104,14 @@ def get_experiment_config(training_steps):
           mask_same_class_negatives=False,  # own-class rows out of the semantic negatives
           semantic_ramp_steps=0,            # > 0: semantic terms x min(1, step / this)
           bn_stats_from_large_views_only=False,
+          # Which negatives the semantic positive is scored against: 'semantic' (the other
+          # rows' semantic positives) or 'augmentation' (the other images' targets).
+          semantic_negatives="semantic",
+          semantic_invariance_weight=config_dict.placeholder(float),  # None: invariance_weight
+          # Research oracles (BENCHMARKS.md, "Semantic objective"): 'oracle' / 'noisy_oracle'
+          # hand the loss hidden labels (at oracle_accuracy); never a SemPPL result.
+          pseudo_labels="knn",
+          oracle_accuracy=1.0,
       ),
       optimizer=dict(
           # LARS moves each layer by lr * 1e-3 of its norm per step; a short run needs more than

@@ -115,6 +115,8 @@ class RunSpec:
   tag: str = ""
   overrides: Tuple[Tuple[str, Any], ...] = ()
   max_eval_examples: int = 0  # > 0: smoke tests only (cuts the evaluated splits).
+  # Which evaluations run after pre-training (a screen can run kNN alone).
+  protocols: Tuple[str, ...] = ("knn", "linear", "fine_tune")
 
   @property
   def run_id(self) -> str:
@@ -132,6 +134,7 @@ class RunSpec:
     d = dict(d)
     d["linear_head_lrs"] = tuple(d["linear_head_lrs"])
     d["finetune_grid"] = tuple(tuple(eh) for eh in d["finetune_grid"])
+    d["protocols"] = tuple(d.get("protocols", ("knn", "linear", "fine_tune")))
     d["overrides"] = tuple((k, _freeze(v)) for k, v in d.get("overrides", ()))
     return cls(**d)
 
@@ -181,7 +184,7 @@ def parse_overrides(items: Sequence[str]) -> Tuple[Tuple[str, Any], ...]:
 
 
 def make_specs(preset: Mapping[str, Any], *, label_percents, objectives, seeds, tag="",
-               overrides=(), steps=None) -> List[RunSpec]:
+               overrides=(), steps=None, protocols=()) -> List[RunSpec]:
   """The run specs of a preset, in the order they run (seed-major: every objective of seed 0
   first, so a partial study already compares the objectives). ``overrides`` come after the
   preset's own."""
@@ -191,6 +194,12 @@ def make_specs(preset: Mapping[str, Any], *, label_percents, objectives, seeds, 
     base["steps"] = steps
     base["warmup_steps"] = min(base["warmup_steps"], steps)
     base["curve_every"] = min(base["curve_every"], steps)
+  if protocols:
+    unknown = set(protocols) - {"knn", "linear", "fine_tune"}
+    if unknown:
+      raise ValueError(f"--protocols: unknown {sorted(unknown)}; allowed: knn, linear, "
+                       "fine_tune.")
+    base["protocols"] = tuple(protocols)
   all_overrides = tuple(preset.get("overrides", ())) + tuple(overrides)
   return [RunSpec(objective=o, label_percent=p, seed=s, tag=tag, overrides=all_overrides,
                   **base)
@@ -332,7 +341,7 @@ def evaluation_jobs(spec: RunSpec) -> List[Tuple[str, str, int, float, float]]:
   jobs += [(f"linear_h{h:g}", "linear", spec.linear_steps, 0.0, h) for h in spec.linear_head_lrs]
   jobs += [(f"fine_tune_e{e:g}_h{h:g}", "fine_tune", spec.finetune_steps, e, h)
            for e, h in spec.finetune_grid]
-  return jobs
+  return [job for job in jobs if job[1] in spec.protocols]
 
 
 def run_evaluations(spec: RunSpec, run_dir: str) -> Dict[str, Any]:
@@ -372,13 +381,16 @@ def summarise(spec: RunSpec, pretrain: Mapping[str, Any], evals: Mapping[str, An
   reported = {"validation": {}, "test": {}}
   chosen = {}
   for protocol in ("fine_tune", "linear"):
+    if protocol not in spec.protocols:
+      continue
     name, entry = choose(evals, protocol)
     chosen[protocol] = name
     for split in reported:
       reported[split][protocol] = entry[split][f"{protocol}_top1"]
   for split in reported:
     for k in (20, 200):
-      reported[split][f"knn_k{k}"] = evals["knn"][split][f"knn_top1_k{k}"]
+      if "knn" in evals:
+        reported[split][f"knn_k{k}"] = evals["knn"][split][f"knn_top1_k{k}"]
   final = pretrain["final_validation"]
   for key in ("pseudo_label_accuracy", "semantic_positive_purity"):
     if key in final:  # Training monitors: the same in both splits' rows.
@@ -469,10 +481,11 @@ def render_per_seed(results: Sequence[Mapping[str, Any]], split: str = "test") -
   for runs in group(results).values():
     for r in runs:
       rep = r["reported"][split]
+      pct = lambda key: f"{100 * rep[key]:.2f}" if key in rep else "–"  # noqa: E731
       lines.append(
-          f"| {r['run_id']} | {100 * rep['fine_tune']:.2f} | {100 * rep['linear']:.2f} | "
-          f"{100 * rep['knn_k20']:.2f} | {100 * rep['knn_k200']:.2f} | "
-          f"{r['chosen']['fine_tune']} | {r['chosen']['linear']} | "
+          f"| {r['run_id']} | {pct('fine_tune')} | {pct('linear')} | "
+          f"{pct('knn_k20')} | {pct('knn_k200')} | "
+          f"{r['chosen'].get('fine_tune', '–')} | {r['chosen'].get('linear', '–')} | "
           f"{r.get('seconds', 0.0) / 60:.1f} |")
   return "\n".join(lines)
 
@@ -490,8 +503,12 @@ def target_check(results: Sequence[Mapping[str, Any]], split: str = "test") -> s
       if not base:
         continue
       for key, name in (("fine_tune", "fine-tune"), ("knn_k20", "kNN k=20")):
-        m1, s1 = mean_std([100 * r["reported"][split][key] for r in runs])
-        m2, s2 = mean_std([100 * r["reported"][split][key] for r in base])
+        ours = [100 * r["reported"][split][key] for r in runs if key in r["reported"][split]]
+        theirs = [100 * r["reported"][split][key] for r in base if key in r["reported"][split]]
+        if not ours or not theirs:
+          continue
+        m1, s1 = mean_std(ours)
+        m2, s2 = mean_std(theirs)
         margin = m1 - m2
         verdict = "holds" if margin > s1 + s2 else "does not hold"
         lines.append(f"- {percent} % labels, {tag or 'default'}: SemPPL − {other} on {name} "
@@ -644,6 +661,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--objectives", default="")
   parser.add_argument("--steps", type=int, default=None, help="override the preset's steps")
   parser.add_argument("--tag", default="", help="names a variant (with --set)")
+  parser.add_argument("--protocols", default="",
+                      help="comma-separated evaluations (knn, linear, fine_tune); default all")
   # extend: `--set a=1 --set b=2` keeps both (a plain nargs='*' kept only the last --set).
   parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="FIELD=VALUE",
                       help="pre-training config overrides, e.g. semppl.knn_k=1; repeatable")
@@ -671,7 +690,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                   preset["label_percents"]),
                      objectives=split(args.objectives, str, preset["objectives"]),
                      seeds=split(args.seeds, int, preset["seeds"]), tag=args.tag,
-                     overrides=overrides, steps=args.steps)
+                     overrides=overrides, steps=args.steps,
+                     protocols=split(args.protocols, str, ()))
   lock = open(os.path.join(out, ".lock"), "w")  # pylint: disable=consider-using-with
   try:
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -273,118 +273,71 @@ def _pairwise_invariance(logits: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(off_diagonal, kl, 0.0), axis=(0, 1)) / (num_views * (num_views - 1))
 
 
-def _candidate_set_terms(online, candidates, column_mask, negative_indices, temperature,
-                         pair_mask=None):
+def _candidate_set_terms(online, candidates, negative_indices, temperature, *, column_mask=None,
+                         pair_mask=None, positives=None, row_mask=None):
   """Contrastive, invariance and top-1 terms of all anchor views against one candidate set.
 
   Args:
     online: float32 [V, B, D] normalised anchors.
-    candidates: float32 [B, D] normalised candidates (row i = row i's positive).
-    column_mask: bool [B] or None.
+    candidates: float32 [B, D] normalised candidates (row i = row i's positive, unless
+      ``positives`` is given).
     negative_indices: int32 [B, K] or None (None: all other rows are negatives).
     temperature: scalar > 0.
+    column_mask: bool [B] or None: False removes a candidate from every row's softmax (and
+      zeroes that row's terms).
     pair_mask: bool [B, B] or None (see :func:`contrastive_loss`).
+    positives: float32 [B, D] or None: row i's positive replaces candidate i in row i's
+      softmax only (the other rows keep ``candidates[i]`` as a negative).
+    row_mask: bool [B] or None: False zeroes that row's terms without removing its candidate.
 
   Returns:
-    (contrastive [V, B], invariance [B], top1 [V, B] float32); rows with column_mask False
-    hold zeros in all three.
+    (contrastive [V, B], invariance [B], top1 [V, B] float32); masked rows hold zeros.
   """
   if negative_indices is None:
     per_view = lambda anchors: contrastive_loss(
         anchors, candidates, temperature=temperature, column_mask=column_mask,
-        pair_mask=pair_mask)
+        pair_mask=pair_mask)[1]
     positive_column = jnp.arange(candidates.shape[0])
   else:
     per_view = lambda anchors: sampled_contrastive_loss(
         anchors, candidates, negative_indices, temperature=temperature,
-        column_mask=column_mask, pair_mask=pair_mask)
+        column_mask=column_mask, pair_mask=pair_mask)[1]
     positive_column = jnp.zeros(candidates.shape[0], jnp.int32)
-  contrastive, logits = jax.vmap(per_view)(online)                     # [V, B], [V, B, M]
+  logits = jax.vmap(per_view)(online)                                  # [V, B, M]
+  is_positive = positive_column[:, None] == jnp.arange(logits.shape[-1])[None, :]  # [B, M]
+  if positives is not None:
+    own = jnp.einsum("vbd,bd->vb", online, positives, precision=_PRECISION) / temperature
+    logits = jnp.where(is_positive[None], own[..., None], logits)
+  contrastive = -jnp.sum(jnp.where(is_positive[None], jax.nn.log_softmax(logits, -1), 0.0), -1)
   invariance = _pairwise_invariance(logits)
   top1 = (jnp.argmax(logits, axis=-1) == positive_column[None, :]).astype(jnp.float32)
-  if column_mask is not None:
-    invariance = jnp.where(column_mask, invariance, 0.0)
-    top1 = jnp.where(column_mask[None, :], top1, 0.0)
+  for mask in (column_mask, row_mask):
+    if mask is not None:
+      contrastive = jnp.where(mask[None, :], contrastive, 0.0)
+      invariance = jnp.where(mask, invariance, 0.0)
+      top1 = jnp.where(mask[None, :], top1, 0.0)
   return contrastive, invariance, top1
 
 
-def semppl_loss(
-    online: jax.Array,
-    target: jax.Array,
-    semantic: jax.Array,
-    semantic_valid: jax.Array,
-    *,
-    temperature=0.2,
-    contrastive_weight: float = 0.3,
-    semantic_weight: float = 0.2,
-    invariance_weight: float = 5.0,
-    num_negatives: Optional[int] = None,
-    key: Optional[jax.Array] = None,
-    semantic_labels: Optional[jax.Array] = None,
-    mask_same_class_negatives: bool = False,
-    semantic_scale=1.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The SemPPL objective ``c·(L_augm + s·α·L_sem) + λ·(I_augm + s·I_sem)`` (DESIGN.md §2).
+# Which negatives a semantic positive is scored against (``semppl_loss(semantic_negatives=)``).
+SEMANTIC_NEGATIVES = ("semantic", "augmentation")
 
-  ``s`` is ``semantic_scale`` (1 by default: DESIGN.md §2's objective exactly).
 
-  Every input is l2-normalised here (idempotent); ``target`` and ``semantic`` are
-  stop-gradient, so gradients reach only ``online``. The averaging conventions are in the
-  module docstring.
-
-  Args:
-    online: float [V, B, D] online projections of all views; entries [0, L) are the large views
-      in the target's order (V >= L).
-    target: float [L, B, D] target projections of the large views (the augmentation
-      candidates: row i of ``target[l]`` is the positive of row i of every anchor view).
-    semantic: float [L, N, B, D] semantic positives: ``semantic[l, s, i]`` is draw s for image
-      i from queue l (the semantic candidates of target view l, draw s).
-    semantic_valid: bool [L, N, B]; False rows are excluded as anchors of that (l, s) and as
-      candidates of every row of that (l, s).
-    temperature: scalar > 0 (τ).
-    contrastive_weight: c.
-    semantic_weight: α.
-    invariance_weight: λ.
-    num_negatives: optional python int K, 1 <= K < B. When set, each row's candidates are its
-      positive plus K negatives sampled without replacement from the other rows, one sample
-      per candidate set (per l for the augmentation term, per (l, s) for the semantic term)
-      shared by all V anchor views; semantic samples prefer valid rows.
-    key: PRNG key, required when ``num_negatives`` is set (unused otherwise).
-    semantic_labels: int [B], the (pseudo-)label y*_i of each row; required by
-      ``mask_same_class_negatives``.
-    mask_same_class_negatives: if True, the semantic term's negatives of row i exclude every
-      other row m with ``semantic_labels[m] == semantic_labels[i]``: their semantic positives
-      carry the anchor's own (pseudo-)class (and may be the very queue entry drawn as row i's
-      positive), so contrasting against them pushes the class apart. Off by default
-      (DESIGN.md §2 as written: all other rows are negatives). The augmentation term is
-      unchanged.
-    semantic_scale: scalar >= 0 (python or traced) multiplying both semantic terms, e.g. a
-      ramp of the semantic weight over training; 1 = off.
-
-  Returns:
-    loss: float32 [] total.
-    aux: dict of float32 [] scalars: 'loss', 'augm_contrastive' (L_augm),
-      'semantic_contrastive' (L_sem), 'augm_invariance' (I_augm), 'semantic_invariance'
-      (I_sem), 'contrastive' (L_augm + s·α·L_sem), 'invariance' (I_augm + s·I_sem),
-      'semantic_valid_fraction' (mean of ``semantic_valid``), 'augm_top1' / 'semantic_top1'
-      (fraction of (anchor view, candidate set, valid row) entries whose positive has the
-      largest logit; ties go to the lowest candidate column), 'semantic_scale' (s).
-  """
+def _check_semppl_inputs(online, target, semantic, semantic_valid, temperature, num_negatives,
+                         key, semantic_labels, mask_same_class_negatives, semantic_negatives):
+  """Validates :func:`semppl_loss`'s inputs; returns ``(V, B, D, L, N)``."""
   _check_array("online", online, 3, "[V, B, D]")
   num_views, batch, dim = np.shape(online)
-  _check_array("target", target, 3, f"[L, B, D] with L <= V = {num_views}, B = {batch}, "
-               f"D = {dim}")
+  expected = f"[L, B, D] with 1 <= L <= V = {num_views}, B = {batch}, D = {dim}"
+  _check_array("target", target, 3, expected)
   num_large = np.shape(target)[0]
   if np.shape(target)[1:] != (batch, dim) or not 1 <= num_large <= num_views:
-    raise ValueError(
-        f"target must have shape [L, B, D] with 1 <= L <= V = {num_views}, B = {batch}, "
-        f"D = {dim}, got shape {np.shape(target)}.")
-  _check_array("semantic", semantic, 4, f"[L, N, B, D] = [{num_large}, N, {batch}, {dim}]")
+    raise ValueError(f"target must have shape {expected}, got shape {np.shape(target)}.")
+  expected = f"[L, N, B, D] = [{num_large}, N, {batch}, {dim}]"
+  _check_array("semantic", semantic, 4, expected)
   num_draws = np.shape(semantic)[1]
   if np.shape(semantic) != (num_large, num_draws, batch, dim):
-    raise ValueError(
-        f"semantic must have shape [L, N, B, D] = [{num_large}, N, {batch}, {dim}], "
-        f"got shape {np.shape(semantic)}.")
+    raise ValueError(f"semantic must have shape {expected}, got shape {np.shape(semantic)}.")
   if np.shape(semantic_valid) != (num_large, num_draws, batch):
     raise ValueError(
         f"semantic_valid must have shape [L, N, B] = ({num_large}, {num_draws}, {batch}), "
@@ -400,74 +353,145 @@ def semppl_loss(
           f"got {num_negatives!r}.")
     if key is None:
       raise ValueError("key must be a PRNG key when num_negatives is set, got None.")
+  if mask_same_class_negatives and (semantic_labels is None
+                                    or np.shape(semantic_labels) != (batch,)):
+    raise ValueError(
+        f"semantic_labels must have shape [B] = ({batch},) when mask_same_class_negatives "
+        f"is set, got {None if semantic_labels is None else np.shape(semantic_labels)}.")
+  if semantic_negatives not in SEMANTIC_NEGATIVES:
+    raise ValueError(f"semantic_negatives must be one of {SEMANTIC_NEGATIVES}, "
+                     f"got {semantic_negatives!r}.")
+  return num_views, batch, dim, num_large, num_draws
+
+
+def _semantic_terms(online, target, semantic, semantic_valid, temperature, negatives_for,
+                    pair_mask, semantic_negatives):
+  """Sums of the semantic contrastive, invariance and top-1 terms over every (l, s).
+
+  ``negatives_for(l, s, valid)`` gives that candidate set's sampled negatives (or None).
+  With ``semantic_negatives='semantic'`` the candidates are every row's draw ``semantic[l, s]``
+  (invalid draws masked out of every softmax); with ``'augmentation'`` they are the
+  augmentation term's ``target[l]`` with row i's own target replaced by its semantic positive
+  in row i's softmax, so both the cross-entropy and the KL are about *this* row's positive.
+  """
+  ce_sum = inv_sum = top1_sum = jnp.zeros((), jnp.float32)
+  num_large, num_draws = semantic_valid.shape[:2]
+  for l in range(num_large):
+    for s in range(num_draws):
+      valid = semantic_valid[l, s]
+      if semantic_negatives == "semantic":
+        terms = _candidate_set_terms(online, semantic[l, s], negatives_for(l, s, valid),
+                                     temperature, column_mask=valid, pair_mask=pair_mask)
+      else:
+        terms = _candidate_set_terms(online, target[l], negatives_for(l, s, None), temperature,
+                                     pair_mask=pair_mask, positives=semantic[l, s],
+                                     row_mask=valid)
+      ce, inv, top1 = terms  # Invalid rows are already zero.
+      ce_sum, inv_sum, top1_sum = ce_sum + jnp.sum(ce), inv_sum + jnp.sum(inv), top1_sum + jnp.sum(
+          top1)
+  return ce_sum, inv_sum, top1_sum
+
+
+def semppl_loss(
+    online: jax.Array,
+    target: jax.Array,
+    semantic: jax.Array,
+    semantic_valid: jax.Array,
+    *,
+    temperature=0.2,
+    contrastive_weight: float = 0.3,
+    semantic_weight: float = 0.2,
+    invariance_weight: float = 5.0,
+    semantic_invariance_weight: Optional[float] = None,
+    semantic_negatives: str = "semantic",
+    num_negatives: Optional[int] = None,
+    key: Optional[jax.Array] = None,
+    semantic_labels: Optional[jax.Array] = None,
+    mask_same_class_negatives: bool = False,
+    semantic_scale=1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The SemPPL objective ``c·(L_augm + s·α·L_sem) + λ·I_augm + s·λ_sem·I_sem``.
+
+  ``s`` is ``semantic_scale``; ``λ_sem`` is ``semantic_invariance_weight`` (default λ). Every
+  input is l2-normalised here (idempotent); ``target`` and ``semantic`` are stop-gradient, so
+  gradients reach only ``online``. Averaging conventions: module docstring.
+
+  Args:
+    online: float [V, B, D] online projections of all views; entries [0, L) are the large views
+      in the target's order (V >= L).
+    target: float [L, B, D] target projections of the large views (row i of ``target[l]`` is
+      the augmentation positive of row i of every anchor view).
+    semantic: float [L, N, B, D]: ``semantic[l, s, i]`` is draw s for image i from queue l.
+    semantic_valid: bool [L, N, B]; False rows are excluded as anchors of that (l, s) (and,
+      with ``semantic_negatives='semantic'``, as candidates of every row of that (l, s)).
+    temperature: scalar > 0 (τ).
+    contrastive_weight: c.
+    semantic_weight: α.
+    invariance_weight: λ.
+    semantic_invariance_weight: λ_sem (None: λ).
+    semantic_negatives: 'semantic' (the negatives of row i's semantic positive are the other
+      rows' semantic positives: the first-built form, whose KL ignores which draw is row i's)
+      or 'augmentation' (the other images' target projections, as in the augmentation term).
+    num_negatives: optional int K, 1 <= K < B: each row's candidates are its positive plus K
+      sampled other rows, one sample per candidate set shared by all anchor views.
+    key: PRNG key, required when ``num_negatives`` is set.
+    semantic_labels: int [B], y*_i; required by ``mask_same_class_negatives``.
+    mask_same_class_negatives: drop other rows of row i's (pseudo-)class from the semantic
+      term's negatives. The augmentation term is unchanged.
+    semantic_scale: scalar >= 0 (python or traced), e.g. a ramp; 1 = off.
+
+  Returns:
+    loss: float32 [] total.
+    aux: float32 [] scalars 'loss', 'augm_contrastive' (L_augm), 'semantic_contrastive' (L_sem),
+      'augm_invariance' (I_augm), 'semantic_invariance' (I_sem), 'contrastive'
+      (L_augm + s·α·L_sem), 'invariance' (I_augm + s·I_sem), 'semantic_valid_fraction',
+      'augm_top1' / 'semantic_top1' (fraction of entries whose positive has the largest logit),
+      'semantic_scale' (s).
+  """
+  num_views, batch, _, num_large, num_draws = _check_semppl_inputs(
+      online, target, semantic, semantic_valid, temperature, num_negatives, key,
+      semantic_labels, mask_same_class_negatives, semantic_negatives)
   pair_mask = None
   if mask_same_class_negatives:
-    if semantic_labels is None or np.shape(semantic_labels) != (batch,):
-      raise ValueError(
-          f"semantic_labels must have shape [B] = ({batch},) when mask_same_class_negatives "
-          f"is set, got {None if semantic_labels is None else np.shape(semantic_labels)}.")
     labels = jnp.asarray(semantic_labels)
     pair_mask = labels[:, None] != labels[None, :]
-
   online = l2_normalize(online)
   target = jax.lax.stop_gradient(l2_normalize(target))
   semantic = jax.lax.stop_gradient(l2_normalize(semantic))
   semantic_valid = jnp.asarray(semantic_valid)
-
   if num_negatives is not None:
     augm_key, sem_key = jax.random.split(key)
     augm_keys = jax.random.split(augm_key, num_large)
     sem_keys = jax.random.split(sem_key, num_large * max(num_draws, 1))
 
-  # Loops over the (few) candidate sets keep one [V, B, M] logits block live at a time.
-  augm_ce, augm_inv, augm_top1 = [], [], []
-  for l in range(num_large):
-    negatives = None
-    if num_negatives is not None:
-      negatives = sample_negative_indices(augm_keys[l], batch, num_negatives)
-    ce, inv, top1 = _candidate_set_terms(online, target[l], None, negatives, temperature)
-    augm_ce.append(jnp.mean(ce))
-    augm_inv.append(jnp.mean(inv))
-    augm_top1.append(jnp.mean(top1))
-  l_augm = jnp.mean(jnp.stack(augm_ce))
-  i_augm = jnp.mean(jnp.stack(augm_inv))
+  def negatives_for(l, s, valid):
+    if num_negatives is None:
+      return None
+    k = augm_keys[l] if s is None else sem_keys[l * num_draws + s]
+    return sample_negative_indices(k, batch, num_negatives, column_mask=valid)
 
-  sem_ce_sum = sem_inv_sum = sem_top1_sum = jnp.zeros((), jnp.float32)
-  for l in range(num_large):
-    for s in range(num_draws):
-      valid = semantic_valid[l, s]
-      negatives = None
-      if num_negatives is not None:
-        negatives = sample_negative_indices(
-            sem_keys[l * num_draws + s], batch, num_negatives, column_mask=valid)
-      ce, inv, top1 = _candidate_set_terms(online, semantic[l, s], valid, negatives,
-                                           temperature, pair_mask)
-      # Invalid rows are already zero in ce / inv / top1.
-      sem_ce_sum += jnp.sum(ce)
-      sem_inv_sum += jnp.sum(inv)
-      sem_top1_sum += jnp.sum(top1)
+  # Loops over the (few) candidate sets keep one [V, B, M] logits block live at a time.
+  augm = [jax.tree.map(jnp.mean, _candidate_set_terms(online, target[l], negatives_for(
+      l, None, None), temperature)) for l in range(num_large)]
+  l_augm, i_augm, augm_top1 = (jnp.mean(jnp.stack(t)) for t in zip(*augm))
+  ce_sum, inv_sum, top1_sum = _semantic_terms(online, target, semantic, semantic_valid,
+                                              temperature, negatives_for, pair_mask,
+                                              semantic_negatives)
   num_valid = jnp.sum(semantic_valid.astype(jnp.float32))
   # max(., 1): with no valid row every sum is 0, so each semantic term is 0, not NaN.
   denominator = jnp.maximum(num_valid, 1.0)
-  l_sem = sem_ce_sum / (num_views * denominator)
-  i_sem = sem_inv_sum / denominator
-
+  l_sem, i_sem = ce_sum / (num_views * denominator), inv_sum / denominator
   scale = jnp.asarray(semantic_scale, jnp.float32)
+  sem_inv_weight = (invariance_weight if semantic_invariance_weight is None
+                    else semantic_invariance_weight)
   contrastive = l_augm + scale * semantic_weight * l_sem
-  invariance = i_augm + scale * i_sem
-  loss = contrastive_weight * contrastive + invariance_weight * invariance
-  aux = {
-      "loss": loss,
-      "augm_contrastive": l_augm,
-      "semantic_contrastive": l_sem,
-      "augm_invariance": i_augm,
-      "semantic_invariance": i_sem,
-      "contrastive": contrastive,
-      "invariance": invariance,
-      "semantic_valid_fraction": num_valid / max(semantic_valid.size, 1),
-      "augm_top1": jnp.mean(jnp.stack(augm_top1)),
-      "semantic_top1": sem_top1_sum / (num_views * denominator),
-      "semantic_scale": scale,
-  }
+  weighted_invariance = invariance_weight * i_augm + scale * sem_inv_weight * i_sem
+  loss = contrastive_weight * contrastive + weighted_invariance
+  aux = {"loss": loss, "augm_contrastive": l_augm, "semantic_contrastive": l_sem,
+         "augm_invariance": i_augm, "semantic_invariance": i_sem, "contrastive": contrastive,
+         "invariance": i_augm + scale * i_sem,
+         "semantic_valid_fraction": num_valid / max(semantic_valid.size, 1),
+         "augm_top1": augm_top1, "semantic_top1": top1_sum / (num_views * denominator),
+         "semantic_scale": scale}
   aux = {name: jnp.asarray(value, jnp.float32) for name, value in aux.items()}
   return aux["loss"], aux

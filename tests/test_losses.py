@@ -495,3 +495,100 @@ def test_semantic_scale_scales_both_semantic_terms(inputs):
   assert float(full["semantic_scale"]) == 1.0 and float(zero["semantic_scale"]) == 0.0
   # The terms themselves are reported unscaled.
   assert float(half["semantic_contrastive"]) == float(full["semantic_contrastive"])
+
+
+# ----------------------------------------------------------------------------- semantic negatives
+
+
+def np_semantic_against_augmentation(online, target, semantic, valid, tau):
+  """Row i's candidates: its semantic positive z_i, then every other row's target t_m."""
+  o, t, z = np_normalize(online), np_normalize(target), np_normalize(semantic)
+  num_views, batch, _ = o.shape
+  ce, inv = [], []
+  for l in range(z.shape[0]):
+    for s in range(z.shape[1]):
+      for i in range(batch):
+        if not valid[l, s, i]:
+          continue
+        cands = [z[l, s, i]] + [t[l, m] for m in range(batch) if m != i]
+        log_ps = [np_log_softmax(np.array([o[a, i] @ c / tau for c in cands]))
+                  for a in range(num_views)]
+        ce += [-lp[0] for lp in log_ps]
+        inv.append(np.mean([np_kl(log_ps[b], log_ps[a]) for a in range(num_views)
+                            for b in range(num_views) if a != b]))
+  return float(np.mean(ce)), float(np.mean(inv))
+
+
+def test_semantic_negatives_augmentation_matches_numpy(inputs):
+  online, target, semantic, valid = inputs
+  _, aux = _loss_fn(temperature=TAU, semantic_negatives="augmentation", **WEIGHTS)(
+      online, target, semantic, valid)
+  ce, inv = np_semantic_against_augmentation(online, target, semantic, valid, TAU)
+  np.testing.assert_allclose(aux["semantic_contrastive"], ce, rtol=2e-5)
+  np.testing.assert_allclose(aux["semantic_invariance"], inv, rtol=2e-5, atol=1e-7)
+  # The augmentation terms do not depend on how the semantic term is built.
+  _, aux_a = _loss_fn(temperature=TAU, **WEIGHTS)(online, target, semantic, valid)
+  for name in ("augm_contrastive", "augm_invariance", "augm_top1"):
+    np.testing.assert_allclose(aux[name], aux_a[name], rtol=1e-6, err_msg=name)
+
+
+def _semantic_terms_and_grads(negatives, online, target, semantic, valid):
+  def term(name):
+    fn = lambda o: losses.semppl_loss(o, target, semantic, valid, temperature=TAU,
+                                      semantic_negatives=negatives)[1][name]
+    return jax.jit(jax.value_and_grad(fn))(online)
+  return {name: term(name) for name in ("semantic_contrastive", "semantic_invariance")}
+
+
+def test_only_augmentation_negatives_make_the_semantic_kl_depend_on_the_row(inputs):
+  """Shuffling the semantic positives across rows (each keeps its validity) must change what
+  the semantic terms say about each row. With the other rows' positives as negatives
+  ('semantic') the KL only sees the set of candidates, which a shuffle does not change; with the
+  augmentation negatives both terms move, in value and in gradient."""
+  online, target, semantic, _ = inputs
+  valid = np.ones(semantic.shape[:3], bool)
+  perm = np.roll(np.arange(semantic.shape[2]), 1)
+  shuffled = semantic[:, :, perm]
+  for negatives in ("semantic", "augmentation"):
+    before = _semantic_terms_and_grads(negatives, online, target, semantic, valid)
+    after = _semantic_terms_and_grads(negatives, online, target, shuffled, valid)
+    (ce0, g_ce0), (ce1, g_ce1) = before["semantic_contrastive"], after["semantic_contrastive"]
+    (kl0, g_kl0), (kl1, g_kl1) = before["semantic_invariance"], after["semantic_invariance"]
+    assert abs(float(ce1) - float(ce0)) > 1e-3, negatives
+    assert np.abs(np.asarray(g_ce1) - np.asarray(g_ce0)).max() > 1e-4, negatives
+    kl_moves = abs(float(kl1) - float(kl0)) > 1e-4 * abs(float(kl0))
+    grad_moves = np.abs(np.asarray(g_kl1) - np.asarray(g_kl0)).max() > 1e-5
+    if negatives == "semantic":  # The first-built form: the label-blind KL.
+      assert not kl_moves and not grad_moves
+    else:
+      assert kl_moves and grad_moves
+
+
+def test_semantic_invariance_weight_is_lambda_sem(inputs):
+  online, target, semantic, valid = inputs
+  _, base = _loss_fn(temperature=TAU, **WEIGHTS)(online, target, semantic, valid)
+  loss0, aux0 = _loss_fn(temperature=TAU, semantic_invariance_weight=0.0, **WEIGHTS)(
+      online, target, semantic, valid)
+  loss2, _ = _loss_fn(temperature=TAU, semantic_invariance_weight=2.0, **WEIGHTS)(
+      online, target, semantic, valid)
+  lam = WEIGHTS["invariance_weight"]
+  np.testing.assert_allclose(loss0, base["loss"] - lam * base["semantic_invariance"], rtol=1e-5)
+  np.testing.assert_allclose(loss2, loss0 + 2.0 * base["semantic_invariance"], rtol=1e-5)
+  assert aux0["semantic_invariance"] == base["semantic_invariance"]  # Reported unweighted.
+
+
+def test_semantic_negatives_must_be_known(inputs):
+  online, target, semantic, valid = inputs
+  with pytest.raises(ValueError, match="semantic_negatives must be one of"):
+    losses.semppl_loss(online, target, semantic, valid, semantic_negatives="others")
+
+
+def test_augmentation_negatives_with_sampled_negatives_and_masks(inputs):
+  """num_negatives = B - 1 keeps every other row: the sampled path equals the full one."""
+  online, target, semantic, valid = inputs
+  kwargs = dict(temperature=TAU, semantic_negatives="augmentation", **WEIGHTS)
+  _, full = _loss_fn(**kwargs)(online, target, semantic, valid)
+  _, sampled = _loss_fn(num_negatives=B - 1, **kwargs)(online, target, semantic, valid,
+                                                      key=jax.random.PRNGKey(3))
+  for name in ("semantic_contrastive", "semantic_invariance", "loss"):
+    np.testing.assert_allclose(sampled[name], full[name], rtol=1e-5, err_msg=name)

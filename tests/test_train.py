@@ -303,3 +303,46 @@ def test_guard_fields_stay_out_of_checkpoint_dicts(state):
   restored = train.TrainState.from_dict(tree)  # A checkpoint from before the guard, too.
   assert (int(restored.nonfinite_step), int(restored.nonfinite_check)) == (-1, -1)
   chex.assert_trees_all_equal(restored, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Research oracles (pseudo_labels='oracle' / 'noisy_oracle').
+# ----------------------------------------------------------------------------------------------
+
+def test_oracle_labels_have_the_requested_accuracy_and_uniform_errors():
+  labels = jnp.asarray(np.arange(40000) % NUM_CLASSES, jnp.int32).at[:10].set(-1)
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(train.oracle_labels(key, labels, NUM_CLASSES, 1.0), labels)
+  wrong = np.asarray(train.oracle_labels(key, labels, NUM_CLASSES, 0.0))
+  known = np.asarray(labels) >= 0
+  assert (wrong[~known] == -1).all()
+  assert (wrong[known] != np.asarray(labels)[known]).all()
+  assert ((wrong[known] >= 0) & (wrong[known] < NUM_CLASSES)).all()
+  # Errors are uniform over the other classes: each shift 1..C-1 about equally often.
+  shifts = (wrong[known] - np.asarray(labels)[known]) % NUM_CLASSES
+  counts = np.bincount(shifts, minlength=NUM_CLASSES)[1:]
+  np.testing.assert_allclose(counts / counts.sum(), 1 / (NUM_CLASSES - 1), atol=0.01)
+  noisy = np.asarray(train.oracle_labels(key, labels, NUM_CLASSES, 0.7))
+  np.testing.assert_allclose(np.mean(noisy[known] == np.asarray(labels)[known]), 0.7, atol=0.01)
+
+
+def test_loss_config_refuses_unknown_switch_values():
+  with pytest.raises(ValueError, match="pseudo_labels: got 'truth'"):
+    train.LossConfig(pseudo_labels="truth")
+  with pytest.raises(ValueError, match="semantic_negatives: got 'rows'"):
+    train.LossConfig(semantic_negatives="rows")
+  with pytest.raises(ValueError, match=r"oracle_accuracy: got 1.5, expected a value in \[0, 1\]"):
+    train.LossConfig(oracle_accuracy=1.5)
+
+
+def test_oracle_hands_the_loss_the_hidden_labels(state):
+  """With the oracle every drawn positive has the image's true class (purity 1), whatever the
+  kNN vote says; the kNN's accuracy stays a monitor."""
+  config = _config("semppl", pseudo_labels="oracle", semantic_negatives="augmentation")
+  state = state._replace(queue=_filled_queue(config))
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
+  _, fwd = jax.jit(functools.partial(train.objective_loss, config))(
+      state.online_params, state.probe_params, state.target_params, state, batch,
+      jax.random.PRNGKey(7))
+  assert float(fwd.metrics["semantic_positive_purity"]) == 1.0
+  assert float(fwd.metrics["pseudo_label_accuracy"]) < 1.0  # The random network's kNN vote.

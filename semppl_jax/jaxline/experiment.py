@@ -64,7 +64,7 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
         f" labelled + {c.data.unlabelled_batch_size} unlabelled images | {t.views.num_large}x"
         f"{t.views.large_size}px + {t.views.num_small}x{t.views.small_size}px views | "
         f"{c.network.encoder} x{c.network.width_multiplier} | queue {c.queue.size} | "
-        f"{num_devices} device(s), {jax.process_count()} process(es)")
+        f"{num_devices} device(s), {jax.process_count()} process(es)" + _oracle_note(t))
     self._prefetched = None  # (step, global batch) built while the previous step ran.
 
   def _state_tree(self) -> Dict[str, Any]:
@@ -189,3 +189,13 @@ _RESULT_NAMES = {
     "train_pseudo_label_accuracy": "pseudo-label accuracy (unlabelled train, last steps)",
     "train_semantic_positive_purity": "semantic-positive purity (train, last steps)",
 }
+
+
+def _oracle_note(config: train.TrainConfig) -> str:
+  """' | ORACLE ...' on the setup line when y* comes from hidden labels (never a real result)."""
+  loss = config.loss
+  if config.objective != "semppl" or loss.pseudo_labels == "knn":
+    return ""
+  accuracy = 1.0 if loss.pseudo_labels == "oracle" else loss.oracle_accuracy
+  return (f" | ORACLE pseudo-labels ({loss.pseudo_labels}, accuracy {accuracy:g}): hidden labels"
+          " reach the loss, a research measurement, not SemPPL")

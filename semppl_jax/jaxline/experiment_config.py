@@ -8,6 +8,7 @@ Each error is ``ValueError("config.<field>: ...")`` (``semppl_jax.jaxline.config
 from ml_collections import config_dict
 
 from semppl_jax import augmentations
+from semppl_jax import losses
 from semppl_jax.jaxline import config_rules as rules
 from semppl_jax import networks
 from semppl_jax import train
@@ -81,12 +82,25 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
   if rules.integer(config, "semppl.num_negatives", low=0):
     rules.integer(config, "semppl.num_negatives", low=1, high=batch - 1)
   # Ablation switches (optional fields: configs without them run DESIGN.md §2 as written).
+  choices = {"semantic_negatives": losses.SEMANTIC_NEGATIVES,
+             "pseudo_labels": train.PSEUDO_LABEL_SOURCES}
   for field in _LOSS_SWITCHES:
-    if field in config.semppl:
-      if isinstance(_LOSS_SWITCH_DEFAULTS[field], bool):
-        rules.boolean(config, f"semppl.{field}")
-      else:
-        rules.integer(config, f"semppl.{field}", low=0)
+    if field not in config.semppl:
+      continue
+    if field in choices:
+      rules.one_of(config, f"semppl.{field}", choices[field])
+    elif field == "oracle_accuracy":
+      rules.number(config, f"semppl.{field}", 0.0, 1.0)
+    elif field == "semantic_invariance_weight":
+      if config.semppl[field] is not None:  # None: the invariance weight.
+        rules.number(config, f"semppl.{field}", 0.0)
+    elif isinstance(_LOSS_SWITCH_DEFAULTS[field], bool):
+      rules.boolean(config, f"semppl.{field}")
+    else:
+      rules.integer(config, f"semppl.{field}", low=0)
+  if config.semppl.get("pseudo_labels", "knn") != "knn" and config.data.dataset == "image_folder":
+    rules.fail("semppl.pseudo_labels", f"{config.semppl.pseudo_labels!r} reads the hidden labels "
+               "of the unlabelled images, and image_folder data has none; use 'knn'.")
 
   rules.number(config, "optimizer.base_learning_rate", 0.0)
   rules.number(config, "optimizer.weight_decay", 0.0)
@@ -110,7 +124,8 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
 
 
 _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
-                  "bn_stats_from_large_views_only")
+                  "bn_stats_from_large_views_only", "semantic_negatives",
+                  "semantic_invariance_weight", "pseudo_labels", "oracle_accuracy")
 _LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
 
 

@@ -1,0 +1,51 @@
+"""The objective's research switches in the pre-training config: checked by name, refused where
+they cannot work, and announced on the setup line."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from experiments import fashion_mnist  # noqa: E402
+from semppl_jax import train  # noqa: E402
+from semppl_jax.jaxline import experiment  # noqa: E402
+from semppl_jax.jaxline import experiment_config  # noqa: E402
+
+
+def _config(**semppl):
+  c = fashion_mnist.get_experiment_config(100)
+  c.semppl.update(semppl)
+  return c
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("pseudo_labels", "truth", r"config.semppl.pseudo_labels: .*'truth'"),
+    ("semantic_negatives", "rows", r"config.semppl.semantic_negatives: .*'rows'"),
+    ("oracle_accuracy", 1.5, r"config.semppl.oracle_accuracy: .*1.5"),
+    ("semantic_invariance_weight", -1.0, r"config.semppl.semantic_invariance_weight: .*-1"),
+])
+def test_bad_switch_values_name_the_field(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    experiment_config.validate_pretrain_config(_config(**{field: value}), num_devices=1)
+
+
+def test_oracle_is_refused_for_data_without_hidden_labels():
+  c = _config(pseudo_labels="oracle")
+  c.data.dataset = "image_folder"
+  with pytest.raises(ValueError, match="config.semppl.pseudo_labels: 'oracle' reads the hidden "
+                     "labels"):
+    experiment_config.validate_pretrain_config(c, num_devices=1)
+
+
+def test_switches_reach_the_typed_config_and_the_setup_line():
+  c = _config(pseudo_labels="noisy_oracle", oracle_accuracy=0.55,
+              semantic_negatives="augmentation", semantic_invariance_weight=0.0)
+  experiment_config.validate_pretrain_config(c, num_devices=1)
+  t = experiment_config.train_config(c, 1)
+  assert (t.loss.pseudo_labels, t.loss.oracle_accuracy) == ("noisy_oracle", 0.55)
+  assert (t.loss.semantic_negatives, t.loss.semantic_invariance_weight) == ("augmentation", 0.0)
+  assert "ORACLE pseudo-labels (noisy_oracle, accuracy 0.55)" in experiment._oracle_note(t)
+  assert experiment._oracle_note(experiment_config.train_config(_config(), 1)) == ""
+  relic = experiment_config.train_config(_config(pseudo_labels="oracle"), 1)
+  assert experiment._oracle_note(train.TrainConfig(**{**relic.__dict__, "objective": "relic"})) == ""
