@@ -33,6 +33,7 @@ Usage:
   python experiments/bench_step.py --shapes demo        # the demo shape only (minutes on CPU)
   python experiments/bench_step.py --tiny               # seconds: tiny shapes (tests)
   python experiments/bench_step.py --paper-memory       # AOT memory at the paper's batch
+  python experiments/bench_step.py --devices 1 2 4 8    # AOT per-device cost vs devices
   python experiments/bench_step.py --train-steps 20     # also a short ImageNet-shape run
 
 ``--train-steps N`` then runs the real experiment (``semppl_jax.jaxline.experiment.Experiment`` through
@@ -372,6 +373,72 @@ def paper_memory(args):
   return rows, "\n".join(lines)
 
 
+def _shapes(collective) -> str:
+  """'op f32[..]' of a collective, its first two arrays (a combined all-reduce has many)."""
+  more = f" +{len(collective.shapes) - 2}" if len(collective.shapes) > 2 else ""
+  return f"{collective.op} {', '.join(collective.shapes[:2])}{more}"
+
+
+def scaling(args):
+  """AOT per-device cost of the step on 1 / 2 / 4 / 8 ... fake devices at one global batch.
+
+  The batch is ``--scaling-batch`` labelled + unlabelled images in all (the ImageNet layout,
+  views cropped on the host); each device count compiles the same global program with the batch
+  and queues sharded over a mesh of that many devices. Nothing runs: the numbers are the
+  compiled per-device program's (``semppl_jax.compiled_cost``).
+  """
+  jax, jnp, train = _imports()
+  from semppl_jax import compiled_cost  # pylint: disable=g-import-not-at-top
+  from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
+  labelled, unlabelled = args.scaling_batch
+  rows = []
+  for shape in args.scaling_shapes:
+    for objective in args.scaling_objectives:
+      for devices in args.devices:
+        config = dataclasses.replace(
+            r50_config(objective, labelled, unlabelled, "float32", "none", shape == "tiny"),
+            num_shards=devices)
+        if shape == "tiny":
+          config = dataclasses.replace(config, queue_size=1024, views=dataclasses.replace(
+              config.views, large_size=32, small_size=16))
+        mesh = parallel.make_mesh(jax.devices()[:devices])
+        state = jax.eval_shape(lambda k, c=config: train.init_train_state(c, k),
+                               jax.random.PRNGKey(0))
+        host = host_cropped_batch(dataclasses.replace(
+            config, labelled_batch_size=1, unlabelled_batch_size=1, num_shards=1), 0)
+        batch = {k: jax.ShapeDtypeStruct(
+            ((labelled if k.startswith("label") else unlabelled),) + x.shape[1:],
+            jnp.float32 if x.dtype.kind == "u" else x.dtype) for k, x in host.items()}
+        shardings = train.train_state_shardings(state, mesh)
+        step = jax.jit(lambda s, b, k, c=config: train.train_step(c, s, b, k),
+                       in_shardings=(shardings, parallel.data_sharding(mesh), None),
+                       out_shardings=(shardings, None), donate_argnums=(0,))
+        start = time.perf_counter()
+        with jax.set_mesh(mesh):
+          compiled = step.lower(state, batch, jax.random.PRNGKey(0)).compile()
+        cost = compiled_cost.program_cost(compiled)
+        row = dict(shape=shape, objective=objective, devices=devices,
+                   compile_s=time.perf_counter() - start, **compiled_cost.summary(cost),
+                   largest=_shapes(compiled_cost.largest_collective(cost)))
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+  lines = [f"Global batch {labelled} + {unlabelled} images; per-device numbers of the compiled "
+           "program.", "",
+           "| shape | objective | devices | GFLOP / device | x 1 device | GiB accessed | "
+           "temp MiB | collectives (AG / AR / other) | collective MiB | largest (MiB) |",
+           "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+  first = {}
+  for r in rows:
+    base = first.setdefault((r["shape"], r["objective"]), r["gflop"])
+    other = r["collectives"] - r["all-gather"] - r["all-reduce"]
+    lines.append(
+        f"| {r['shape']} | {r['objective']} | {r['devices']} | {r['gflop']:.2f} | "
+        f"{r['gflop'] / base:.3f} | {r['gib_accessed']:.3f} | {r['temp_mib']:.1f} | "
+        f"{r['collectives']} ({r['all-gather']} / {r['all-reduce']} / {other}) | "
+        f"{r['collective_mib']:.2f} | {r['largest_collective_mib']:.2f} {r['largest']} |")
+  return rows, "\n".join(lines)
+
+
 def train_run(args):
   """A short run of the real experiment on the ImageNet config; returns (steps/s, stdout)."""
   jax, _, _ = _imports()
@@ -451,13 +518,29 @@ def main():
   parser.add_argument("--run-dir", default="/tmp/semppl_bench_step_run")
   parser.add_argument("--out", default="", help="also write the report (markdown) here")
   parser.add_argument("--json", default="", help="also write the rows (JSON) here")
+  parser.add_argument("--devices", type=int, nargs="+", default=[],
+                      help="only: AOT per-device cost on these fake-device counts (scaling)")
+  parser.add_argument("--scaling-shapes", nargs="+", default=["tiny", "r50"],
+                      choices=("tiny", "r50"))
+  parser.add_argument("--scaling-objectives", nargs="+", default=["semppl"],
+                      choices=OBJECTIVES)
+  parser.add_argument("--scaling-batch", type=int, nargs=2, default=(16, 112),
+                      metavar=("LABELLED", "UNLABELLED"), help="global images (scaling)")
   args = parser.parse_args()
+  if args.devices:  # Fake CPU devices must be requested before jax starts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={max(args.devices)}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
   jax, _, _ = _imports()
   header = (f"bench_step: {jax.default_backend()} x {jax.device_count()} "
             f"({jax.devices()[0].device_kind}), jax {jax.__version__}, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
   report, results = [header, ""], {}
-  if args.paper_memory:
+  if args.devices:
+    rows, text = scaling(args)
+    results["scaling"] = rows
+    report.append(text)
+  elif args.paper_memory:
     rows, text = paper_memory(args)
     results["paper_memory"] = rows
     report.append(text)

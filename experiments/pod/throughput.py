@@ -14,6 +14,10 @@ Model (a paper-and-pencil estimate; measure the real rate from the launcher's "s
 * Projector / predictor MLPs (2048 -> 4096 -> 256 -> 4096 -> 256 per view, ~11.5 M MACs) and
   the kNN over a 16384-entry queue are < 0.2 % of the total and are left out.
 * Achieved rate = chips x peak bf16 FLOP/s x MFU (model FLOP utilisation, assumed).
+* Work per chip = the step's FLOPs / chips. The compiled step meets that (BENCHMARKS.md, "Data
+  parallelism": per-device FLOPs 1.000 / 0.500 / 0.250 / 0.125 of one device's on 1 / 2 / 4 / 8
+  devices at one global batch). Before that fix every chip did the whole global batch's work, so
+  a slice ran no faster than one chip and these estimates were `chips` times too optimistic.
 
 The views, batch size and step count are read from the launch config, so a changed config gives
 a changed estimate.
