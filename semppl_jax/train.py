@@ -439,6 +439,43 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values.astype(jnp.float32) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+class Forward(NamedTuple):
+  """What one forward pass of the step computes before the loss (:func:`forward`).
+
+  Rows are in the interleaved order (each shard's labelled rows, then its unlabelled rows).
+  Fields a given objective does not compute are None (the supervised baseline runs the online
+  network on the large views only).
+
+  Attributes:
+    large / small: float32 ``[L, B, h, h, 3]`` / ``[S, B, s, s, 3]`` views in [0, 1].
+    true_labels: int32 ``[B]`` (hidden truth of unlabelled rows; monitors only).
+    is_labelled: bool ``[B]``.
+    embeddings: ``[L, B, F]`` online encoder embeddings of the large views.
+    online_state: the online BatchNorm state after the pass.
+    online: float32 ``[L + S, B, D]`` l2-normalised online predictions (large views first).
+    target: float32 ``[L, B, D]`` l2-normalised target projections (stop-gradient).
+    target_state: the target BatchNorm state after the pass.
+    pseudo_labels: int32 ``[B]`` kNN votes from the queues before this step's enqueue.
+    labels_star: int32 ``[B]``, y*: true labels of labelled rows, else the pseudo-label (or
+      the research oracle's label).
+    semantic: float32 ``[L, N, B, D]`` drawn semantic positives (zeros without ``semantic``).
+    semantic_valid: bool ``[L, N, B]``.
+  """
+  large: jax.Array
+  small: jax.Array
+  true_labels: jax.Array
+  is_labelled: jax.Array
+  embeddings: jax.Array
+  online_state: PyTree
+  online: Optional[jax.Array] = None
+  target: Optional[jax.Array] = None
+  target_state: Optional[PyTree] = None
+  pseudo_labels: Optional[jax.Array] = None
+  labels_star: Optional[jax.Array] = None
+  semantic: Optional[jax.Array] = None
+  semantic_valid: Optional[jax.Array] = None
+
+
 class _Forward(NamedTuple):
   """What the loss function hands back besides the loss."""
   metrics: Dict[str, jax.Array]
@@ -446,6 +483,88 @@ class _Forward(NamedTuple):
   target_state: Optional[PyTree]
   target_projections: Optional[jax.Array]   # [L, B, D], l2-normalised
   labels: jax.Array                         # [B] true labels (hidden for unlabelled rows)
+
+
+def forward(config: TrainConfig, online_params: PyTree, target_params: PyTree,
+            state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *,
+            is_training: bool = True) -> Forward:
+  """The step's forward pass: views, networks, pseudo-labels and semantic positives.
+
+  :func:`objective_loss` adds the probe and the loss to it; the image summaries call it in
+  inference mode (``is_training=False``: BatchNorm moving averages, state unchanged), so the
+  picture shows what a step computes.
+
+  Args:
+    config: the hyper-parameters.
+    online_params / target_params: the networks' parameters.
+    state: the rest of the train state (BatchNorm states, queues).
+    batch: the global batch (see :func:`make_views`), plus ``labels`` int32 [B_l] and
+      ``unlabelled_labels`` int32 [B_u].
+    key: this step's PRNG key (split into views, semantic draws and negatives; the oracle
+      uses ``fold_in(key, 3)``).
+    is_training: BatchNorm mode.
+
+  Returns:
+    A :class:`Forward`.
+  """
+  objective = OBJECTIVES[config.objective]
+  nets = build_networks(config.network, config.num_classes)
+  n = config.num_shards
+  L, S, B = config.views.num_large, config.views.num_small, config.batch_size
+  k_views, k_sem, _ = jax.random.split(key, 3)
+  large, small = make_views(config, batch, k_views, n)
+  true_labels = _interleave(batch["labels"], batch["unlabelled_labels"], n)
+  is_labelled = jnp.zeros((B,), bool).at[labelled_rows(config, n)].set(True)
+  # Views flattened to one batch per size: one network call each, BatchNorm over all of them.
+  # Batch-major ('(b v)'): with the batch sharded, each device's rows stay one contiguous block
+  # (its images' views), so the encoder runs on the local shard. A view-major '(v b)' flatten
+  # interleaves the shards and makes GSPMD gather every view onto every device.
+  flat = lambda x: parallel.shard_batch(
+      augmentations.normalize(einops.rearrange(x, "v b ... -> (b v) ...")))
+  unflat = lambda x, v: einops.rearrange(x, "(b v) d -> v b d", v=v)
+
+  (emb_l, _, pred_l), online_state = nets.online.apply(
+      online_params, state.online_state, None, flat(large), is_training)
+  if not is_training:
+    online_state = state.online_state
+  out = Forward(large=large, small=small, true_labels=true_labels, is_labelled=is_labelled,
+                embeddings=unflat(emb_l, L), online_state=online_state)
+  if not objective.contrastive:
+    return out
+
+  predictions = unflat(pred_l, L)
+  if S:
+    (_, _, pred_s), small_state = nets.online.apply(
+        online_params, online_state, None, flat(small), is_training)
+    if is_training and not config.loss.bn_stats_from_large_views_only:
+      online_state = small_state
+    predictions = jnp.concatenate([predictions, unflat(pred_s, S)], axis=0)
+  online = losses.l2_normalize(predictions)
+
+  target_proj, target_state = nets.target.apply(
+      target_params, state.target_state, None, flat(large), is_training)
+  if not is_training:
+    target_state = state.target_state
+  target_proj = jax.lax.stop_gradient(losses.l2_normalize(unflat(target_proj, L)))
+
+  # Pseudo-labels from the queues as they were before this step's enqueue.
+  pseudo = knn.pseudo_labels(jax.lax.stop_gradient(online[:L]), state.queue,
+                             k=config.loss.knn_k, num_classes=config.num_classes)
+  labels_star = jnp.where(is_labelled, true_labels, pseudo)
+  if config.loss.pseudo_labels != "knn":  # Research oracles: the kNN vote stays a monitor.
+    labels_star = jnp.where(is_labelled, true_labels, oracle_labels(
+        jax.random.fold_in(key, 3), true_labels, config.num_classes,
+        1.0 if config.loss.pseudo_labels == "oracle" else config.loss.oracle_accuracy))
+  N = config.loss.num_semantic_positives
+  if objective.semantic:
+    semantic, valid = semantic_positives.sample_semantic_positives(k_sem, labels_star,
+                                                                   state.queue, N)
+  else:  # No semantic positives: all-invalid masks make both semantic terms exactly zero.
+    semantic = jnp.zeros((L, N, B, online.shape[-1]), online.dtype)
+    valid = jnp.zeros((L, N, B), bool)
+  return out._replace(online_state=online_state, online=online, target=target_proj,
+                      target_state=target_state, pseudo_labels=pseudo, labels_star=labels_star,
+                      semantic=semantic, semantic_valid=valid)
 
 
 def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyTree,
@@ -469,27 +588,15 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   """
   objective = OBJECTIVES[config.objective]
   nets = build_networks(config.network, config.num_classes)
-  n = config.num_shards
-  L, S, B = config.views.num_large, config.views.num_small, config.batch_size
-  k_views, k_sem, k_neg = jax.random.split(key, 3)
-  large, small = make_views(config, batch, k_views, n)
-  true_labels = _interleave(batch["labels"], batch["unlabelled_labels"], n)
-  lab_rows = labelled_rows(config, n)
-  is_labelled = jnp.zeros((B,), bool).at[lab_rows].set(True)
-  # Views flattened to one batch per size: one network call each, BatchNorm over all of them.
-  # Batch-major ('(b v)'): with the batch sharded, each device's rows stay one contiguous block
-  # (its images' views), so the encoder runs on the local shard. A view-major '(v b)' flatten
-  # interleaves the shards and makes GSPMD gather every view onto every device.
-  flat = lambda x: parallel.shard_batch(
-      augmentations.normalize(einops.rearrange(x, "v b ... -> (b v) ...")))
-
-  (emb_l, _, pred_l), online_state = nets.online.apply(
-      online_params, state.online_state, None, flat(large), True)
-  emb_l = einops.rearrange(emb_l, "(b v) f -> v b f", v=L)
+  L = config.views.num_large
+  k_neg = jax.random.split(key, 3)[2]
+  fwd = forward(config, online_params, target_params, state, batch, key)
+  lab_rows = labelled_rows(config, config.num_shards)
+  true_labels = fwd.true_labels
 
   # The probe reads a stop-gradient embedding, so it monitors the representation without
   # shaping it -- except in the supervised baseline, where its cross-entropy is the objective.
-  probe_in = einops.rearrange(emb_l[:, lab_rows], "v b f -> (v b) f")
+  probe_in = einops.rearrange(fwd.embeddings[:, lab_rows], "v b f -> (v b) f")
   if not objective.probe_trains_encoder:
     probe_in = jax.lax.stop_gradient(probe_in)
   probe_labels = jnp.tile(true_labels[lab_rows], L)
@@ -498,38 +605,11 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   metrics = {"probe_loss": probe_ce,
              "probe_train_top1": jnp.mean(jnp.argmax(probe_logits, -1) == probe_labels)}
   if not objective.contrastive:
-    return probe_ce, _Forward(metrics, online_state, None, None, true_labels)
+    return probe_ce, _Forward(metrics, fwd.online_state, None, None, true_labels)
 
-  predictions = einops.rearrange(pred_l, "(b v) d -> v b d", v=L)
-  if S:
-    (_, _, pred_s), small_state = nets.online.apply(
-        online_params, online_state, None, flat(small), True)
-    if not config.loss.bn_stats_from_large_views_only:
-      online_state = small_state
-    predictions = jnp.concatenate(
-        [predictions, einops.rearrange(pred_s, "(b v) d -> v b d", v=S)], axis=0)
-  online = losses.l2_normalize(predictions)
-
-  target_proj, target_state = nets.target.apply(
-      target_params, state.target_state, None, flat(large), True)
-  target_proj = jax.lax.stop_gradient(
-      losses.l2_normalize(einops.rearrange(target_proj, "(b v) d -> v b d", v=L)))
-
-  # Pseudo-labels from the queues as they were before this step's enqueue.
-  pseudo = knn.pseudo_labels(jax.lax.stop_gradient(online[:L]), state.queue,
-                             k=config.loss.knn_k, num_classes=config.num_classes)
-  labels_star = jnp.where(is_labelled, true_labels, pseudo)
-  if config.loss.pseudo_labels != "knn":  # Research oracles: the kNN vote stays a monitor.
-    labels_star = jnp.where(is_labelled, true_labels, oracle_labels(
-        jax.random.fold_in(key, 3), true_labels, config.num_classes,
-        1.0 if config.loss.pseudo_labels == "oracle" else config.loss.oracle_accuracy))
-  N = config.loss.num_semantic_positives
-  if objective.semantic:
-    semantic, valid = semantic_positives.sample_semantic_positives(k_sem, labels_star,
-                                                                   state.queue, N)
-  else:  # No semantic positives: all-invalid masks make both semantic terms exactly zero.
-    semantic = jnp.zeros((L, N, B, online.shape[-1]), online.dtype)
-    valid = jnp.zeros((L, N, B), bool)
+  online, target_proj, pseudo = fwd.online, fwd.target, fwd.pseudo_labels
+  labels_star, semantic, valid = fwd.labels_star, fwd.semantic, fwd.semantic_valid
+  is_labelled = fwd.is_labelled
   lc = config.loss
   semantic_scale = 1.0
   if lc.semantic_ramp_steps > 0:
@@ -555,7 +635,7 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
     correct = jnp.broadcast_to(labels_star == true_labels, valid.shape)
     metrics["semantic_positive_purity"] = _masked_mean(correct, valid)
   metrics["queue_fill"] = queue_lib.fill_fraction(state.queue)
-  return loss + probe_ce, _Forward(metrics, online_state, target_state, target_proj,
+  return loss + probe_ce, _Forward(metrics, fwd.online_state, fwd.target_state, target_proj,
                                    true_labels)
 
 

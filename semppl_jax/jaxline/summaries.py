@@ -18,17 +18,12 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
-import einops
 import jax
 import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from semppl_jax import augmentations
 from semppl_jax import knn
-from semppl_jax import losses
-# Aliased: this module's own semantic_positives() would shadow the module.
-from semppl_jax import semantic_positives as semantic_positives_lib
 from semppl_jax import train
 
 matplotlib.use("Agg")  # Before pyplot: headless, deterministic rendering.
@@ -205,9 +200,11 @@ class PositivesSummary(NamedTuple):
     neighbour_labels: int32 ``[B, k]``, labels of the ``k`` queue entries nearest to view 0 in
       queue 0 (the first ballot of the pseudo-label), nearest first; -1 for missing entries.
     positive_valid: bool ``[N, B]``, whether draw ``n`` (queue 0) found an entry.
-    positive_proxy: int32 ``[N, B]``, the labelled row of the batch whose target projection
-      (view 0) is nearest to the drawn positive: the image that stands for it.
-    positive_similarity: float32 ``[N, B]``, cosine similarity of positive and proxy.
+    positive_proxy: int32 ``[N, B]``, the labelled row of the batch, of the drawn entry's class,
+      whose target projection (view 0) is nearest to the drawn positive: the image that stands
+      for it (-1 when the batch has no labelled image of that class).
+    positive_similarity: float32 ``[N, B]``, cosine similarity of positive and proxy (NaN
+      without a proxy).
   """
   large: jax.Array
   small: jax.Array
@@ -249,13 +246,14 @@ def slice_batch(batch: Mapping[str, Any], num_labelled: int,
 def semantic_positives(config: train.TrainConfig, state: train.TrainState,
                        batch: Mapping[str, jax.Array], key: jax.Array, *,
                        knn_k: Optional[int] = None) -> PositivesSummary:
-  """Recomputes one step's views, pseudo-labels and semantic positives for a small batch.
+  """One step's views, pseudo-labels and semantic positives for a small batch.
 
-  Jit it with ``config`` static (a :func:`summary_config`, ``num_shards=1``); under
-  ``jax.set_mesh(mesh)`` the queue stays sharded and the batch is replicated. The online and
-  target networks run in inference mode (BatchNorm moving averages), so a summary never
-  changes the train state. Semantic positives are drawn from queue 0 by the (pseudo-)label as
-  in :func:`train.objective_loss`; each is shown as its nearest labelled image of ``batch``.
+  Runs the step's own forward pass (:func:`semppl_jax.train.forward`) in inference mode
+  (BatchNorm moving averages), so a summary never changes the train state and shows what a
+  step draws. Jit it with ``config`` static (a :func:`summary_config`, ``num_shards=1``); under
+  ``jax.set_mesh(mesh)`` the queue stays sharded and the batch is replicated. The queue holds
+  embeddings, not images: each drawn positive (queue 0) is shown as the labelled image of
+  ``batch`` *of the drawn entry's class* whose target projection is nearest to it.
 
   Args:
     config: the batch's hyper-parameters (``labelled_batch_size`` = B_l rows of ``batch``).
@@ -268,31 +266,26 @@ def semantic_positives(config: train.TrainConfig, state: train.TrainState,
   Returns:
     A :class:`PositivesSummary`.
   """
-  nets = train.build_networks(config.network, config.num_classes)
-  k = knn_k or config.loss.knn_k
-  L, B = config.views.num_large, config.batch_size
-  k_views, k_sem = jax.random.split(key)
-  large, small = train.make_views(config, batch, k_views, 1)
-  labels = jnp.concatenate([batch["labels"], batch["unlabelled_labels"]]).astype(jnp.int32)
-  is_labelled = jnp.arange(B) < config.labelled_batch_size
-  flat = lambda x: augmentations.normalize(einops.rearrange(x, "v b ... -> (v b) ..."))
-  (_, _, prediction), _ = nets.online.apply(state.online_params, state.online_state, None,
-                                            flat(large), False)
-  queries = losses.l2_normalize(einops.rearrange(prediction, "(v b) d -> v b d", v=L))
-  pseudo = knn.pseudo_labels(queries, state.queue, k=k, num_classes=config.num_classes)
-  top = knn.top_k_entries(queries[0], state.queue.embeddings[0], state.queue.labels[0], k=k)
-  labels_star = jnp.where(is_labelled, labels, pseudo)
-  drawn, valid = semantic_positives_lib.sample_semantic_positives(
-      k_sem, labels_star, state.queue, config.loss.num_semantic_positives)
-  target, _ = nets.target.apply(state.target_params, state.target_state, None,
-                                flat(large[:1, : config.labelled_batch_size]), False)
-  gallery = losses.l2_normalize(target)                           # [B_l, D]
-  sims = jnp.einsum("nbd,gd->nbg", drawn[0].astype(jnp.float32), gallery)
+  if knn_k:
+    config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, knn_k=knn_k))
+  fwd = train.forward(config, state.online_params, state.target_params, state, batch, key,
+                      is_training=False)
+  top = knn.top_k_entries(fwd.online[0], state.queue.embeddings[0], state.queue.labels[0],
+                          k=config.loss.knn_k)
+  num_labelled = config.labelled_batch_size
+  gallery = fwd.target[0, :num_labelled]                          # [B_l, D]
+  drawn = fwd.semantic[0].astype(jnp.float32)                     # [N, B, D]
+  sims = jnp.einsum("nbd,gd->nbg", drawn, gallery)
+  # Only labelled images of the drawn entry's class (y*_i) may stand for it.
+  same_class = fwd.labels_star[:, None] == fwd.true_labels[None, :num_labelled]  # [B, B_l]
+  sims = jnp.where(same_class[None], sims, -jnp.inf)
+  has_proxy = jnp.any(same_class, axis=-1)[None]                  # [1, B]
   return PositivesSummary(
-      large=large, small=small, labels=labels, is_labelled=is_labelled, pseudo_labels=pseudo,
-      neighbour_labels=top.labels, positive_valid=valid[0],
-      positive_proxy=jnp.argmax(sims, axis=-1).astype(jnp.int32),
-      positive_similarity=jnp.max(sims, axis=-1))
+      large=fwd.large, small=fwd.small, labels=fwd.true_labels, is_labelled=fwd.is_labelled,
+      pseudo_labels=fwd.pseudo_labels, neighbour_labels=top.labels,
+      positive_valid=fwd.semantic_valid[0],
+      positive_proxy=jnp.where(has_proxy, jnp.argmax(sims, axis=-1), -1).astype(jnp.int32),
+      positive_similarity=jnp.where(has_proxy, jnp.max(sims, axis=-1), jnp.nan))
 
 
 def _name(label: int, class_names: Optional[Sequence[str]]) -> str:
@@ -346,16 +339,21 @@ def semantic_positives_figure(summary: PositivesSummary,
                                                        else "red"))
     for n in range(n_pos):
       ax = axes[row, 1 + n]
-      if s.positive_valid[n, i]:
+      drawn = _name(pseudo if not s.is_labelled[i] else truth, class_names)
+      if s.positive_valid[n, i] and s.positive_proxy[n, i] >= 0:
         ax.imshow(large[0, int(s.positive_proxy[n, i])])
-        ax.set_title(f"positive {n + 1}\ncos {s.positive_similarity[n, i]:.2f}", fontsize=7)
+        ax.set_title(f"positive {n + 1}: {drawn}\ncos {s.positive_similarity[n, i]:.2f}",
+                     fontsize=7)
+      elif s.positive_valid[n, i]:
+        ax.set_title(f"positive {n + 1}: {drawn}\n(no labelled image\nof it in the batch)",
+                     fontsize=7)
       else:
         ax.set_title("no entry", fontsize=7)
   for ax in axes.flat:
     ax.set_xticks([])
     ax.set_yticks([])
   fig.suptitle("anchors (pseudo-label, nearest queue labels) | semantic positives (nearest "
-               "labelled image)", fontsize=8)
+               "labelled image of the drawn entry's class)", fontsize=8)
   fig.tight_layout()
   return fig
 

@@ -148,7 +148,7 @@ def test_semantic_positives_recomputes_views_pseudo_labels_and_positives():
   # only): every drawn positive is one of them, so its proxy is exact (cosine 1).
   first = fn(state, batch, key)
   large, small = jax.jit(lambda b, k: train.make_views(config, b, k, 1))(
-      batch, jax.random.split(key)[0])
+      batch, jax.random.split(key, 3)[0])
   # Separately jitted: the same views up to float rounding of differently fused ops.
   np.testing.assert_allclose(first.large, large, atol=1e-5)
   np.testing.assert_allclose(first.small, small, atol=1e-5)
