@@ -62,6 +62,12 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "with an error instead of waiting forever in a collective.")
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
     "shutdown_timeout_s", 120, "Seconds a finished process waits at exit for the others.")
+_WRITER = flags.DEFINE_enum(
+    "writer", "tensorboard", ["tensorboard", "wandb"],
+    "Where scalars and images go: TensorBoard event files under <checkpoint_dir>/train, or "
+    "Weights & Biases (pip install 'semppl_jax[wandb]'; WANDB_MODE=offline works without "
+    "network).")
+_WANDB_PROJECT = flags.DEFINE_string("wandb_project", "semppl_jax", "W&B project (--writer=wandb).")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (overrides applied, step counts fitted "
     "to training_steps) and exit without running.")
@@ -116,6 +122,7 @@ def route_library_logs(config) -> str:
   name = f"pid{os.getpid()}" if _DISTRIBUTED_AUTO.value else f"process{_PROCESS_ID.value}"
   logging.get_absl_handler().use_absl_log_file(name, log_dir)
   flags.FLAGS.stderrthreshold = "warning"
+  _console_only_our_warnings()
   warnings.simplefilter("ignore", DeprecationWarning)  # Third-party deprecations: log noise.
   return os.path.join(log_dir, f"{name}.INFO")
 
@@ -136,7 +143,7 @@ def shipped_configs():
   """Names of the configs next to this file that ``--config=<name>`` accepts."""
   return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
                 if f.endswith(".py") and not f.startswith(("_", "launch", "bench", "label",
-                                                           "study")))
+                                                           "study", "commands")))
 
 
 def resolve_config_arg(argv):
@@ -148,7 +155,7 @@ def resolve_config_arg(argv):
     if not m:
       continue
     name, preset = m.group(2), m.group(3) or ""
-    if "/" in name or name.endswith(".py") or os.path.exists(name):
+    if "/" in name or name.endswith(".py") or os.path.isfile(name):
       return argv
     path = os.path.join(CONFIG_DIR, name + ".py")
     if not os.path.exists(path):
@@ -224,6 +231,45 @@ def verbose() -> bool:
   return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity > 0
 
 
+_OUR_CODE = (os.sep + "semppl_jax" + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _console_only_our_warnings():
+  """Warnings of this package (a skipped corrupt checkpoint or image) still reach the console;
+  those of the libraries (Orbax, jaxline, TensorFlow) go to the log file only. Errors always
+  reach the console."""
+  handler = logging.get_absl_handler().python_handler
+  to_stderr = handler._log_to_stderr  # pylint: disable=protected-access
+
+  def log_to_stderr(record):
+    if record.levelno >= logging.converter.STANDARD_ERROR or any(
+        part in (record.pathname or "") for part in _OUR_CODE):
+      to_stderr(record)
+
+  handler._log_to_stderr = log_to_stderr  # pylint: disable=protected-access
+
+
+def say_next_steps(config) -> None:
+  """The end of a pre-training run: where its checkpoint is and the commands that use it."""
+  root = config.checkpoint_dir
+  run_dir = root if "://" in root else os.path.abspath(root)
+  c = config.experiment_kwargs.config
+  installed = os.path.basename(sys.argv[0]).startswith("semppl")
+  train = "semppl-train" if installed else "python experiments/launch.py"
+  evaluate = ("semppl-eval --config=eval_fashion_mnist" if installed else
+              "python experiments/launch.py --config=experiments/eval_fashion_mnist.py")
+  label = "semppl-label" if installed else "python experiments/label.py"
+  data = ("--dataset=fashion_mnist" if c.data.dataset == "fashion_mnist" else
+          "--labelled_dir=my/labelled --unlabelled_dir=my/unlabelled")
+  print(f"[done] checkpoint: {run_dir}/checkpoints/latest (rerunning the same command resumes "
+        f"or re-evaluates it: {train} ... --config.checkpoint_dir={root})", flush=True)
+  print(f"[next] evaluate: {evaluate} "
+        f"--config.experiment_kwargs.config.checkpoint.path={run_dir}/checkpoints "
+        "--config.experiment_kwargs.config.protocol=knn   (or fine_tune, linear)", flush=True)
+  print(f"[next] label images: {label} --checkpoint={run_dir} {data}", flush=True)
+  print(f"[next] curves: tensorboard --logdir {run_dir}   (PNGs: {run_dir}/plots)", flush=True)
+
+
 def main(argv):
   try:
     config = load_config()
@@ -244,7 +290,14 @@ def main(argv):
         print(note, flush=True)
       if log_file:
         print(f"[setup] library logs: {log_file} (--verbosity=0 shows them here)", flush=True)
+    # TensorBoard tags grouped as train/, monitor/, eval/, final/ (monitoring.tensorboard_tag).
+    from semppl_jax.jaxline import monitoring  # pylint: disable=g-import-not-at-top
+    if _WRITER.value == "wandb" and jax.process_index() == 0:
+      platform.create_writer = monitoring.wandb_writer_factory(_WANDB_PROJECT.value)
+    platform.create_writer = monitoring.grouped_writer_factory(platform.create_writer)
     platform.main(experiment_class, argv, checkpointer_factory=checkpointer_factory)
+    if jax.process_index() == 0 and config.experiment_class == "pretrain":
+      say_next_steps(config)
   except (ConfigError, ValueError) as e:
     line = str(e) if isinstance(e, ConfigError) else config_error_line(e)
     if line is None or verbose():

@@ -130,3 +130,38 @@ def test_readme_override_table_uses_real_flags():
         node = node[part]
       return True
     assert any(has(c) for c in configs), f"README flag --config.{path} is not a config field"
+
+
+def test_semppl_train_runs_a_shipped_config_from_outside_the_checkout(tmp_path):
+  """`semppl-train --config=fashion_mnist --config.training_steps=2` (the entry the installed
+  command calls) in a directory outside the checkout: the demo's 100 warm-up steps are fitted
+  to the run, the run ends with its checkpoint and next commands, and it writes under the
+  current directory. Evaluation on 512 test images and no pictures, to stay cheap."""
+  out = _launch("--config=fashion_mnist", "--config.training_steps=2",
+                f"{E}.evaluation.max_examples=512", f"{E}.evaluation.every_steps=0",
+                f"{E}.summaries.images_every_steps=0", f"{E}.summaries.plots=False",
+                cwd=tmp_path, entry="experiments.launch:run", timeout=900)
+  assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+  assert "[setup] training_steps=2 is shorter than these step counts, fitted to the run: " \
+      "optimizer.warmup_steps 100 -> 0" in out.stdout
+  assert "[train] step 2/2 |" in out.stdout and "[eval]   online-probe top-1" in out.stdout
+  run_dir = tmp_path / "runs" / "fashion_mnist"
+  assert f"[done] checkpoint: {run_dir}/checkpoints/latest" in out.stdout
+  assert (f"[next] evaluate: semppl-eval --config=eval_fashion_mnist "
+          f"{E}.checkpoint.path={run_dir}/checkpoints") in out.stdout
+  assert f"[next] label images: semppl-label --checkpoint={run_dir} --dataset=fashion_mnist" \
+      in out.stdout
+  assert "2" in os.listdir(run_dir / "checkpoints" / "latest")
+
+
+def test_semppl_label_writes_under_the_run_directory_by_default(tmp_path):
+  from experiments import commands  # pylint: disable=g-import-not-at-top
+  run = str(tmp_path / "runs" / "demo")
+  assert commands.default_output_dir([f"--checkpoint={run}", "--dataset=fashion_mnist"]) == (
+      os.path.join(run, "labels"))
+  assert commands.default_output_dir(["--checkpoint", run]) == os.path.join(run, "labels")
+  pkl = tmp_path / "release.pkl"
+  pkl.write_bytes(b"")
+  assert commands.default_output_dir([f"--checkpoint={pkl}"]) == str(tmp_path / "labels")
+  assert commands.default_output_dir([f"--checkpoint={run}", "--output_dir=x"]) is None
+  assert commands.default_output_dir(["--dataset=fashion_mnist"]) is None
