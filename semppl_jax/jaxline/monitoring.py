@@ -207,7 +207,7 @@ LOSS_METRICS = ("loss", "augm_contrastive", "semantic_contrastive", "augm_invari
                 "semantic_invariance", "probe_loss", "learning_rate", "ema_decay",
                 "steps_per_sec")
 MONITOR_METRICS = ("pseudo_label_accuracy", "pseudo_label_coverage", "semantic_positive_purity",
-                   "queue_fill", "probe_train_top1")
+                   "semantic_valid_fraction", "queue_fill", "probe_train_top1")
 # End-of-run results (the whole test split; pre-training and evaluation experiments).
 FINAL_PREFIXES = ("probe_top1", "knn_top1", "queue_knn_top1", "fine_tune_top1", "linear_top1",
                   "num_test_examples")

@@ -15,6 +15,7 @@ from semppl_jax.jaxline import monitoring
     ("fine_tune_loss", "train/fine_tune_loss"),
     ("pseudo_label_accuracy", "monitor/pseudo_label_accuracy"),
     ("queue_fill", "monitor/queue_fill"),
+    ("semantic_valid_fraction", "monitor/semantic_valid_fraction"),
     ("knn_top1_k20", "final/knn_top1_k20"), ("probe_top1", "final/probe_top1"),
     ("queue_knn_top1", "final/queue_knn_top1"), ("linear_top1", "final/linear_top1"),
     ("train_pseudo_label_accuracy", "final/pseudo_label_accuracy_last_window"),
