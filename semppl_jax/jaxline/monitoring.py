@@ -202,10 +202,8 @@ class TrainingMonitors:
     mesh_experiment.say(f"[images@{step}] {', '.join(images)} | {time.time() - start:.2f} s")
 
 
-# TensorBoard groups: every scalar and image goes under one of these, one tag per quantity.
-LOSS_METRICS = ("loss", "augm_contrastive", "semantic_contrastive", "augm_invariance",
-                "semantic_invariance", "probe_loss", "learning_rate", "ema_decay",
-                "steps_per_sec")
+# TensorBoard groups: every scalar and image goes under one of these, one tag per quantity
+# (train/ is the rest: loss terms, learning rates, EMA decay, steps/s, ...).
 MONITOR_METRICS = ("pseudo_label_accuracy", "pseudo_label_coverage", "semantic_positive_purity",
                    "semantic_valid_fraction", "queue_fill", "probe_train_top1")
 # End-of-run results (the whole test split; pre-training and evaluation experiments).
@@ -247,6 +245,8 @@ class GroupedWriter:
   def write_scalars(self, global_step: int, scalars) -> None:
     grouped = {}
     for name, value in scalars.items():
+      if name == "knn_top1" and any(k.startswith("knn_top1_k") for k in scalars):
+        continue  # The evaluation experiment's alias of knn_top1_k{first k}: one tag suffices.
       tag = tensorboard_tag(name)
       if tag is not None:
         grouped[tag] = value

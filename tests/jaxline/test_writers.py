@@ -43,8 +43,10 @@ def test_grouped_writer_renames_and_drops():
   writer = factory(None, "train")
   writer.write_scalars(3, {"loss": 1.0, "global_step": 3.0, "queue_fill": 0.5})
   writer.write_scalars(4, {"global_step": 4.0})  # Nothing left: nothing written.
+  writer.write_scalars(5, {"knn_top1": 0.5, "knn_top1_k20": 0.5})  # An alias: written once.
   writer.write_images(3, {"train/views": np.zeros((1, 4, 4, 3), np.uint8)})
-  assert inner.scalars == [(3, {"train/loss": 1.0, "monitor/queue_fill": 0.5})]
+  assert inner.scalars == [(3, {"train/loss": 1.0, "monitor/queue_fill": 0.5}),
+                           (5, {"final/knn_top1_k20": 0.5})]
   assert list(inner.images[0][1]) == ["train/views"]
   assert monitoring.grouped_writer_factory(lambda config, mode: None)(None, "train") is None
 
