@@ -6,10 +6,10 @@
 The notebooks run headless (nbclient) in a fresh kernel of this interpreter on one CPU device,
 in a temporary working directory (relative paths in the outputs). ``train_on_your_data`` runs
 with its own defaults (the Fashion-MNIST example folders) and exports its encoder;
-``load_released_checkpoint`` then reads that file, since no released checkpoint has a public
-URL yet: its parameters cell keeps the defaults a user edits, the values used for the committed
-outputs go into a cell tagged ``injected-parameters`` that is removed again after the run, and
-a note at the top says what they were. The install cell finds this checkout and installs
+``load_released_checkpoint`` then runs with its defaults too (only ``OUTPUT_DIR`` is set, in a
+cell tagged ``injected-parameters`` that is removed again after the run; a note at the top says
+so): without a URL it reads that exported encoder and says that it is not a released
+checkpoint, since no released checkpoint has a public URL yet. The install cell finds this checkout and installs
 nothing. Takes a few minutes on two CPU cores.
 """
 import argparse
@@ -138,9 +138,8 @@ def main(argv=None) -> None:
       encoder = os.path.join(cwd, "outputs", "semppl_encoder.pkl")
       if not os.path.exists(encoder):
         build("train_on_your_data.ipynb", kernel_dir, cwd)
-      build("load_released_checkpoint.ipynb", kernel_dir, cwd, dict(
-          CHECKPOINT_PATH="outputs/semppl_encoder.pkl", ARCHITECTURE="tiny_resnet",
-          SMALL_IMAGES=True, IMAGE_SIZE=28, OUTPUT_DIR="outputs"))
+      # The defaults: no URL, so the notebook runs on the encoder exported above and says so.
+      build("load_released_checkpoint.ipynb", kernel_dir, cwd, dict(OUTPUT_DIR="outputs"))
     shutil.rmtree(cwd, ignore_errors=True)
 
 

@@ -3,6 +3,15 @@
     python experiments/launch.py --config=experiments/fashion_mnist.py
     python experiments/launch.py --config=experiments/fashion_mnist.py \
         --config.experiment_kwargs.config.objective=relic --config.training_steps=200
+    semppl-train --config=fashion_mnist:smoke     # installed: a shipped config by name
+    semppl-eval --config=eval_fashion_mnist --print_config
+
+``--config`` takes a config file (``path.py``, optionally ``path.py:preset``) or the name of a
+config shipped in this directory (``fashion_mnist``, ``eval_fashion_mnist``, ...). Step-count
+fields longer than ``training_steps`` are clamped to it (one ``[setup]`` line says which). A bad
+config value stops the launch before anything loads, with one line naming the flag that fixes
+it and exit status 2 (``--verbosity=1`` shows the traceback); ``--print_config`` prints the
+resolved config and exits.
 
 The config's ``experiment_class`` picks the experiment: ``'pretrain'`` (SemPPL pre-training,
 semppl_jax.jaxline.experiment) or ``'eval'`` (fine-tune / linear / kNN evaluation,
@@ -13,6 +22,7 @@ and --process_id on every host, or --distributed_auto on a TPU slice / under SLU
 lost one before they exit with an error. Only process 0 writes TensorBoard events.
 """
 import os
+import re
 import sys
 import warnings
 
@@ -33,6 +43,7 @@ jaxline_compat.install()
 import jax  # pylint: disable=g-import-not-at-top
 from jaxline import platform  # pylint: disable=g-import-not-at-top
 
+from experiments import launch_config  # pylint: disable=g-import-not-at-top
 from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
 
@@ -51,6 +62,15 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "with an error instead of waiting forever in a collective.")
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
     "shutdown_timeout_s", 120, "Seconds a finished process waits at exit for the others.")
+_WRITER = flags.DEFINE_enum(
+    "writer", "tensorboard", ["tensorboard", "wandb"],
+    "Where scalars and images go: TensorBoard event files under <checkpoint_dir>/train, or "
+    "Weights & Biases (pip install 'semppl_jax[wandb]'; WANDB_MODE=offline works without "
+    "network).")
+_WANDB_PROJECT = flags.DEFINE_string("wandb_project", "semppl_jax", "W&B project (--writer=wandb).")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (overrides applied, step counts fitted "
+    "to training_steps) and exit without running.")
 
 
 def checkpointer_factory(config, mode):
@@ -102,20 +122,213 @@ def route_library_logs(config) -> str:
   name = f"pid{os.getpid()}" if _DISTRIBUTED_AUTO.value else f"process{_PROCESS_ID.value}"
   logging.get_absl_handler().use_absl_log_file(name, log_dir)
   flags.FLAGS.stderrthreshold = "warning"
+  _console_only_our_warnings()
   warnings.simplefilter("ignore", DeprecationWarning)  # Third-party deprecations: log noise.
   return os.path.join(log_dir, f"{name}.INFO")
 
 
+# --- config errors: one line naming the flag, exit status 2 -----------------------------------
+
+CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
+# Fields of the launch config itself (jaxline's); every other "config.<field>" named by a check
+# is a field of experiment_kwargs.config.
+_LAUNCH_FIELDS = ("experiment_class", "training_steps", "checkpoint_dir", "random_seed")
+
+
+class ConfigError(Exception):
+  """A bad config or flag, reported as one line (no traceback) with exit status 2."""
+
+
+def shipped_configs():
+  """Names of the configs next to this file that ``--config=<name>`` accepts."""
+  return sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                if f.endswith(".py") and not f.startswith(("_", "launch", "bench", "label",
+                                                           "study", "commands")))
+
+
+def resolve_config_arg(argv):
+  """``--config=<name>[:preset]`` -> the shipped config file's path (argv rewritten in place),
+  so an installed ``semppl-train --config=fashion_mnist`` works from any directory. A value
+  that names an existing file, or contains ``/`` or ``.py``, is left as it is."""
+  for i, arg in enumerate(argv):
+    m = re.fullmatch(r"(--?config)=([^:]+)(:.*)?", arg)
+    if not m:
+      continue
+    name, preset = m.group(2), m.group(3) or ""
+    if "/" in name or name.endswith(".py") or os.path.isfile(name):
+      return argv
+    path = os.path.join(CONFIG_DIR, name + ".py")
+    if not os.path.exists(path):
+      raise ConfigError(f"--config={name}: no such config file, and not a shipped config "
+                        f"({', '.join(shipped_configs())}).")
+    argv[i] = f"{m.group(1)}={path}{preset}"
+    return argv
+  return argv
+
+
+def flag_for(field: str) -> str:
+  """The command-line flag that sets ``field`` (dotted, as a config check names it)."""
+  if field.split(".")[0] in _LAUNCH_FIELDS:
+    return f"--config.{field}"
+  return f"--config.experiment_kwargs.config.{field}"
+
+
+def config_error_line(error: BaseException):
+  """The message of a config check's ``ValueError('config.<field>: ...')`` with the field
+  written as the flag that sets it; None for any other error. A one-line check stays one
+  line; a message with a list below its first line (a checkpoint that does not match the
+  config) keeps the list on the lines after it."""
+  first, _, rest = str(error).strip().partition("\n")
+  text = " ".join(first.split())
+  m = re.match(r"config\.([A-Za-z_][\w.]*): (.*)", text)
+  if m:
+    line = f"{flag_for(m.group(1))}: {m.group(2)}"
+  else:
+    m = re.match(r"config is missing the field\(s\) ([\w., ]+?); (.*)", text)
+    if not m:
+      return None
+    names = ", ".join(flag_for(f.strip()) for f in m.group(1).split(","))
+    line = f"the config lacks {names}; {m.group(2)}"
+  return f"{line}\n{rest}" if rest.strip() else line
+
+
+def _unknown_field(error: KeyError, argv) -> ConfigError:
+  """An override of a field the config does not have, named by its flag."""
+  key = str(error.args[0] if error.args else error).split("\n")[0].strip("'\"")
+  bad = [a.split("=")[0] for a in argv
+         if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+  return ConfigError(f"{bad[0] if bad else '--config'}: the config has no field {key!r} "
+                     "(--print_config lists the fields; the experiment's own fields are under "
+                     "--config.experiment_kwargs.config.)")
+
+
+def load_config():
+  """``FLAGS.config`` (loaded lazily by ml_collections), with its load and override errors as
+  :class:`ConfigError` naming the flag."""
+  try:
+    return flags.FLAGS.config
+  except KeyError as e:
+    raise _unknown_field(e, sys.argv) from e
+  except (OSError, AttributeError, TypeError, ValueError) as e:
+    first = " ".join(str(e).split())
+    raise ConfigError(f"--config: {first}") from e
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with an override of an unknown config field (a KeyError inside
+  ml_collections) as one line and exit status 2 instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except KeyError as e:
+    if "--verbosity" in " ".join(argv):
+      raise
+    print(f"error: {_unknown_field(e, argv)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def verbose() -> bool:
+  """Tracebacks wanted: ``--verbosity`` above 0."""
+  return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity > 0
+
+
+_OUR_CODE = (os.sep + "semppl_jax" + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _console_only_our_warnings():
+  """Warnings of this package (a skipped corrupt checkpoint or image) still reach the console;
+  those of the libraries (Orbax, jaxline, TensorFlow) go to the log file only. Errors always
+  reach the console."""
+  handler = logging.get_absl_handler().python_handler
+  to_stderr = handler._log_to_stderr  # pylint: disable=protected-access
+
+  def log_to_stderr(record):
+    if record.levelno >= logging.converter.STANDARD_ERROR or any(
+        part in (record.pathname or "") for part in _OUR_CODE):
+      to_stderr(record)
+
+  handler._log_to_stderr = log_to_stderr  # pylint: disable=protected-access
+
+
+def say_next_steps(config) -> None:
+  """The end of a pre-training run: where its checkpoint is and the commands that use it."""
+  root = config.checkpoint_dir
+  run_dir = root if "://" in root else os.path.abspath(root)
+  c = config.experiment_kwargs.config
+  installed = os.path.basename(sys.argv[0]).startswith("semppl")
+  train = "semppl-train" if installed else "python experiments/launch.py"
+  evaluate = ("semppl-eval --config=eval_fashion_mnist" if installed else
+              "python experiments/launch.py --config=experiments/eval_fashion_mnist.py")
+  label = "semppl-label" if installed else "python experiments/label.py"
+  data = ("--dataset=fashion_mnist" if c.data.dataset == "fashion_mnist" else
+          "--labelled_dir=my/labelled --unlabelled_dir=my/unlabelled")
+  print(f"[done] checkpoint: {run_dir}/checkpoints/latest (rerunning the same command resumes "
+        f"or re-evaluates it: {train} ... --config.checkpoint_dir={root})", flush=True)
+  print(f"[next] evaluate: {evaluate} "
+        f"--config.experiment_kwargs.config.checkpoint.path={run_dir}/checkpoints "
+        "--config.experiment_kwargs.config.protocol=knn   (or fine_tune, linear)", flush=True)
+  print(f"[next] label images: {label} --checkpoint={run_dir} {data}", flush=True)
+  print(f"[next] curves: tensorboard --logdir {run_dir}   (PNGs: {run_dir}/plots)", flush=True)
+
+
 def main(argv):
-  config = flags.FLAGS.config
-  log_file = route_library_logs(config)
-  initialize_distributed()
-  if log_file and jax.process_index() == 0:
-    print(f"[setup] library logs: {log_file} (--verbosity=0 shows them here)", flush=True)
-  platform.main(experiment_class_for(config.experiment_class), argv,
-                checkpointer_factory=checkpointer_factory)
+  try:
+    config = load_config()
+    note = launch_config.fit_to_training_steps(config)
+    if _PRINT_CONFIG.value:
+      print(config)
+      return 0
+    log_file = route_library_logs(config)
+    initialize_distributed()
+    experiment_class = experiment_class_for(config.experiment_class)
+    # Check the config before jaxline starts: nothing is created or compiled for a bad one.
+    experiment_module = sys.modules[experiment_class.__module__]
+    experiment_module.validate_config(config.experiment_kwargs.config,
+                                      num_devices=jax.device_count(),
+                                      num_processes=jax.process_count())
+    if jax.process_index() == 0:
+      if note:
+        print(note, flush=True)
+      if log_file:
+        print(f"[setup] library logs: {log_file} (--verbosity=0 shows them here)", flush=True)
+    # TensorBoard tags grouped as train/, monitor/, eval/, final/ (monitoring.tensorboard_tag).
+    from semppl_jax.jaxline import monitoring  # pylint: disable=g-import-not-at-top
+    if _WRITER.value == "wandb" and jax.process_index() == 0:
+      platform.create_writer = monitoring.wandb_writer_factory(_WANDB_PROJECT.value)
+    platform.create_writer = monitoring.grouped_writer_factory(platform.create_writer)
+    platform.main(experiment_class, argv, checkpointer_factory=checkpointer_factory)
+    if jax.process_index() == 0 and config.experiment_class == "pretrain":
+      say_next_steps(config)
+  except (ConfigError, ValueError) as e:
+    line = str(e) if isinstance(e, ConfigError) else config_error_line(e)
+    if line is None or verbose():
+      raise
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    return 2
+  return 0
+
+
+def run(default_config: str = "fashion_mnist"):
+  """Console-script entry (``semppl-train``): ``--config`` defaults to ``default_config``."""
+  argv = list(sys.argv)
+  if not any(re.match(r"--?config(=|$)", a) for a in argv[1:]):
+    argv.insert(1, f"--config={default_config}")
+  _run(argv)
+
+
+def _run(argv):
+  try:
+    sys.argv[:] = resolve_config_arg(argv)  # config_flags reads sys.argv itself.
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main, flags_parser=parse_flags)  # Exits with main's return value.
+
+
+def run_eval():
+  """Console-script entry (``semppl-eval``): ``--config`` defaults to eval_fashion_mnist."""
+  run("eval_fashion_mnist")
 
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  _run(list(sys.argv))

@@ -82,7 +82,7 @@ def image_grid(images: Any, *, columns: Optional[int] = None, pad: int = 2,
   return grid
 
 
-def view_grid(large: Any, small: Any, index: int, *, pad: int = 2) -> np.ndarray:
+def view_grid(large: Any, small: Any, index: int, *, pad: int = 2, scale: int = 1) -> np.ndarray:
   """One image's views in a row: its L large views, then its S small views (at their own size,
   centred in a cell of the large size, so their scale is visible).
 
@@ -90,10 +90,12 @@ def view_grid(large: Any, small: Any, index: int, *, pad: int = 2) -> np.ndarray
     large: ``[L, B, h, h, 3]`` float in [0, 1] (``train.make_views``).
     small: ``[S, B, s, s, 3]`` with ``s <= h`` (S may be 0).
     index: which image of the batch.
-    pad: pixels between cells.
+    pad: pixels between cells (before scaling).
+    scale: each pixel becomes ``scale x scale`` pixels (nearest neighbour), so that small
+      images are visible at screen size.
 
   Returns:
-    uint8 ``[h + 2 pad, (L + S) (h + pad) + pad, 3]``.
+    uint8 ``[scale (h + 2 pad), scale ((L + S) (h + pad) + pad), 3]``.
   """
   large, small = to_uint8(large), to_uint8(small)
   h = large.shape[2]
@@ -104,7 +106,10 @@ def view_grid(large: Any, small: Any, index: int, *, pad: int = 2) -> np.ndarray
     off = (h - s) // 2
     cell[off:off + s, off:off + s] = small[v, index]
     cells.append(cell)
-  return image_grid(np.stack(cells), columns=len(cells), pad=pad)
+  grid = image_grid(np.stack(cells), columns=len(cells), pad=pad)
+  if scale > 1:
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  return grid
 
 
 def figure_to_array(fig) -> np.ndarray:
@@ -160,7 +165,10 @@ def confusion_matrix_image(matrix: Any, *, cell: Optional[int] = None) -> np.nda
 
 def plot_confusion_matrix(matrix: Any, class_names: Optional[Sequence[str]] = None,
                           title: str = "confusion matrix"):
-  """A matplotlib figure: row-normalised shares, counts written in the cells when C <= 20."""
+  """A matplotlib figure: row-normalised shares, counts written in the cells when C <= 20;
+  class names on both axes (numbers when ``class_names`` is None), axes "true class" and
+  "predicted class"; the title is ``title`` and, below it, the number of images counted and
+  their top-1."""
   m = np.asarray(matrix)
   c = m.shape[0]
   names = list(class_names) if class_names is not None else [str(i) for i in range(c)]
@@ -178,7 +186,9 @@ def plot_confusion_matrix(matrix: Any, class_names: Optional[Sequence[str]] = No
           ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=7,
                   color="white" if share[i, j] > 0.5 else "black")
   accuracy = np.trace(m) / max(m.sum(), 1)
-  ax.set(xlabel="predicted", ylabel="true", title=f"{title} (top-1 {100 * accuracy:.1f}%)")
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  ax.set_title(f"{title}\n{int(m.sum())} images, top-1 {100 * accuracy:.1f}%", fontsize=9)
   fig.tight_layout()
   return fig
 
@@ -386,8 +396,8 @@ def plot_losses(history: Sequence[Mapping[str, float]]):
     steps, values = series(history, name)
     if len(values) and np.any(values > 0):
       ax.plot(steps, values, marker="." if len(values) < 20 else None, label=name)
-  ax.set(xlabel="step", ylabel="mean over the logging window", title="loss terms",
-         yscale="log")
+  ax.set(xlabel="step", ylabel="window mean (the console shows the step's value)",
+         title="loss terms (mean over each logging window)", yscale="log")
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -401,7 +411,8 @@ def plot_pseudo_labels(history: Sequence[Mapping[str, float]]):
     steps, values = series(history, name)
     if len(values):
       ax.plot(steps, values, marker="." if len(values) < 20 else None, label=name)
-  ax.set(xlabel="step", ylim=(0, 1.02), title="pseudo-labels (unlabelled images, hidden truth)")
+  ax.set(xlabel="step", ylabel="window mean", ylim=(0, 1.02),
+         title="pseudo-labels (unlabelled images, hidden truth; mean over each logging window)")
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -415,7 +426,8 @@ def plot_evaluations(eval_history: Sequence[Mapping[str, float]]):
   for name in names:
     steps, values = series(eval_history, name)
     ax.plot(steps, values, marker="o", label=name)
-  ax.set(xlabel="step", ylim=(0, 1.02), title="periodic evaluation (test subset)")
+  ax.set(xlabel="step", ylabel="top-1", ylim=(0, 1.02),
+         title="periodic evaluation (test subset; the end-of-run numbers use the whole split)")
   if names:
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -470,7 +482,8 @@ def write_history(path: str, history: Mapping[str, Sequence[Mapping[str, float]]
 def write_training_plots(directory: str, history: Sequence[Mapping[str, float]],
                          eval_history: Sequence[Mapping[str, float]] = (),
                          confusion: Optional[Any] = None,
-                         class_names: Optional[Sequence[str]] = None) -> List[str]:
+                         class_names: Optional[Sequence[str]] = None,
+                         confusion_title: str = "confusion matrix") -> List[str]:
   """Writes the end-of-run PNGs into ``directory``.
 
   Args:
@@ -479,6 +492,7 @@ def write_training_plots(directory: str, history: Sequence[Mapping[str, float]],
     eval_history: periodic-evaluation entries ``{'step': int, accuracy: float}``.
     confusion: int ``[C, C]`` of the last evaluation, or None.
     class_names: names for the confusion matrix's axes.
+    confusion_title: what the confusion matrix was computed from (its title).
 
   Returns:
     The paths written: ``losses.png``, ``pseudo_labels.png``, then ``knn.png`` when
@@ -489,7 +503,8 @@ def write_training_plots(directory: str, history: Sequence[Mapping[str, float]],
   if eval_history:
     figures.append(("knn.png", plot_evaluations(eval_history)))
   if confusion is not None:
-    figures.append(("confusion_matrix.png", plot_confusion_matrix(confusion, class_names)))
+    figures.append(("confusion_matrix.png",
+                    plot_confusion_matrix(confusion, class_names, confusion_title)))
   paths = []
   for name, fig in figures:
     path = os.path.join(directory, name) if "://" not in directory else f"{directory}/{name}"

@@ -98,3 +98,59 @@ def test_imagenet_eval_config_matches_its_provenance():
   assert sorted(flatten(c)) == sorted(required)
   c.checkpoint.path = "/ckpts/semppl_r50_1pct.pkl"
   eval_experiment.validate_config(c, num_devices=8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: short runs and the smoke preset (issue #22).
+# ----------------------------------------------------------------------------------------------
+
+from experiments import eval_fashion_mnist  # noqa: E402
+from experiments import fashion_mnist  # noqa: E402
+from experiments import launch_config  # noqa: E402
+
+
+def test_a_short_run_fits_its_step_counts_and_validates():
+  config = fashion_mnist.get_config()
+  config.training_steps = 20
+  note = launch_config.fit_to_training_steps(config)
+  c = config.experiment_kwargs.config
+  assert c.training_steps == 20
+  assert c.optimizer.warmup_steps == 2  # 10 % of the run: the cosine decay keeps 18 steps.
+  assert (c.log_every_steps, c.evaluation.every_steps, c.summaries.images_every_steps) == (
+      20, 20, 20)
+  assert (config.save_checkpoint_interval, config.log_train_data_interval,
+          config.log_tensors_interval) == (20, 20, 20)
+  assert c.evaluation.subset == 1000 and c.queue.size == 2560  # Not step counts: unchanged.
+  assert note.count("\n") == 0 and note.startswith("[setup] training_steps=20 ")
+  for part in ("optimizer.warmup_steps 100 -> 2", "log_every_steps 25 -> 20",
+               "evaluation.every_steps 200 -> 20", "save_checkpoint_interval 200 -> 20"):
+    assert part in note, note
+  experiment.validate_config(c, num_devices=8)
+
+
+def test_fitting_keeps_fields_within_the_run_and_off_switches():
+  config = fashion_mnist.get_config()
+  config.training_steps = 500
+  c = config.experiment_kwargs.config
+  c.summaries.images_every_steps = 0  # off
+  note = launch_config.fit_to_training_steps(config)
+  assert (c.optimizer.warmup_steps, c.log_every_steps, c.evaluation.every_steps,
+          c.summaries.images_every_steps) == (100, 25, 200, 0)
+  assert note == ""
+  assert launch_config.fit_to_training_steps(fashion_mnist.get_config()) == ""
+  # A kNN evaluation runs no step: nothing to fit to.
+  knn = eval_fashion_mnist.get_config()
+  knn.training_steps = 0
+  assert launch_config.fit_to_training_steps(knn) == ""
+
+
+def test_smoke_preset_is_short_and_valid():
+  config = fashion_mnist.get_config("smoke")
+  c = config.experiment_kwargs.config
+  assert config.training_steps == c.training_steps == 60
+  assert config.checkpoint_dir == "runs/fashion_mnist_smoke"
+  assert launch_config.fit_to_training_steps(config) == ""  # Already fits.
+  experiment.validate_config(c, num_devices=8)
+  assert fashion_mnist.get_config().training_steps == 1000  # The demo is unchanged.
+  with pytest.raises(ValueError, match="unknown preset"):
+    fashion_mnist.get_config("smokey")

@@ -3,6 +3,7 @@ and end-of-run plots (the launcher in a subprocess with the tiny config)."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,11 @@ def test_view_grid_shows_large_views_then_small_views_centred():
   cell = grid[2:10, 22:30]
   np.testing.assert_array_equal(cell[2:6, 2:6], 255)          # the small view, centred
   assert np.all(cell[:2] == 255) and np.all(cell[6:] == 255)  # white around it
+  # Scaled: every pixel becomes a 4 x 4 block (a 28 px view is then 112 px on screen).
+  big = summaries.view_grid(large, small, index=2, pad=2, scale=4)
+  assert big.shape == (4 * grid.shape[0], 4 * grid.shape[1], 3)
+  np.testing.assert_array_equal(big[::4, ::4], grid)
+  np.testing.assert_array_equal(big[3::4, 1::4], grid)
 
 
 def test_confusion_matrix_counts_unmasked_pairs_like_numpy():
@@ -105,6 +111,14 @@ def test_write_training_plots_and_history_round_trip(tmp_path):
   for path in paths:
     width, height = _png_size(path)
     assert width > 200 and height > 200
+  # The confusion matrix names its classes and axes and says what it counted.
+  fig = summaries.plot_confusion_matrix(confusion, ("a", "b"), "kNN at step 7: 15 test images")
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+  assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted class", "true class")
+  assert ax.get_title() == "kNN at step 7: 15 test images\n15 images, top-1 80.0%"
+  summaries.figure_png(fig)
+  assert "window mean" in summaries.plot_losses(history).axes[0].get_ylabel()
   # Without evaluations or confusion matrix only the training curves are drawn.
   paths = summaries.write_training_plots(str(tmp_path / "p2"), history)
   assert [os.path.basename(p) for p in paths] == ["losses.png", "pseudo_labels.png"]
@@ -246,22 +260,35 @@ def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", SEMPPL_TEST_RUN_DIR=str(tmp_path))
   c = "--config.experiment_kwargs.config"
+  # Logging every 3 of 4 steps: the history must still end at the last step.
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "launch.py"), f"--config={TINY_CONFIG}",
        f"{c}.evaluation.every_steps=2", f"{c}.summaries.images_every_steps=2",
-       f"{c}.summaries.plots=True"],
+       f"{c}.summaries.plots=True", f"{c}.log_every_steps=3"],
       env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
   stdout = out.stdout
+  # The first evaluation says that it compiles, before it starts; the later ones do not.
+  lines = stdout.splitlines()
+  first = lines.index("[eval@2] (compiling) weighted kNN and probe on the test subset...")
+  assert lines[first + 1].startswith("[eval@2] weighted kNN"), lines[first:first + 2]
+  assert stdout.count("(compiling)") == 1
+  # The end of the run: where the checkpoint is and what to run next.
+  assert f"[done] checkpoint: {tmp_path}/checkpoints/latest" in stdout
+  assert "[next] evaluate: python experiments/launch.py --config=experiments/" in stdout
+  assert f"[next] label images: python experiments/label.py --checkpoint={tmp_path}" in stdout
+  # Library warnings (Orbax, absl) go to the log file, not the console.
+  # (A normal run has no warning of its own; absl's warning lines start with "W<mmdd> ".)
+  assert not [l for l in out.stderr.splitlines() if re.match(r"W\d{4} ", l)], out.stderr
 
   # Periodic evaluations at steps 2 and 4, on the 256-image subset; the plots at the end.
   printed = {}
   for step in (2, 4):
-    line = next(l for l in stdout.splitlines() if l.startswith(f"[eval@{step}]"))
+    line = next(l for l in stdout.splitlines() if l.startswith(f"[eval@{step}] weighted"))
     assert "| 256 test images |" in line, line
     printed[step] = float(line.split("top-1 (k=5) ")[1].split("%")[0])
   for step in (2, 4):
-    assert f"[images@{step}] views/large_and_small, semantic_positives | " in stdout
+    assert f"[images@{step}] train/views, monitor/semantic_positives | " in stdout
   plots = tmp_path / "plots"
   for name in summaries.PLOT_FILES:
     assert f"{plots / name}" in stdout
@@ -269,7 +296,7 @@ def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
     assert width > 200 and height > 200
 
   history = json.loads((plots / "history.json").read_text())
-  assert [h["step"] for h in history["train"]] == [1, 2, 3, 4]
+  assert [h["step"] for h in history["train"]] == [3, 4]
   for h in history["train"]:
     for name in ("loss", "augm_contrastive", "pseudo_label_accuracy",
                  "semantic_positive_purity", "queue_fill"):
@@ -281,10 +308,19 @@ def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
     assert 0.0 <= h["probe_top1"] <= 1.0
 
   events = _events(tmp_path / "train")
-  for tag in ("views/large_and_small", "semantic_positives", "eval/knn_confusion_matrix"):
+  for tag in ("train/views", "monitor/semantic_positives", "eval/knn_confusion_matrix"):
     assert [s for s, _ in events[tag]] == [2, 4], tag
-  # Image summaries are [width, height, encoded PNG...] string tensors.
-  width, height = (int(x) for x in events["views/large_and_small"][0][1][:2])
-  assert (width, height) == (3 * (16 + 2) + 2, 16 + 4)  # 2 large views + 1 small, 16 px
+  # Every tag in one group, one tag per quantity.
+  assert {t.split("/")[0] for t in events if "/" in t} == {"train", "monitor", "eval", "final"}
+  assert all("/" in t for t in events), sorted(events)
+  for tag in ("train/loss", "train/learning_rate", "monitor/pseudo_label_accuracy",
+              "monitor/queue_fill", "final/knn_top1_k5", "final/probe_top1",
+              "final/queue_knn_top1", "final/pseudo_label_accuracy_last_window"):
+    assert tag in events, (tag, sorted(events))
+  assert "final/global_step" not in events
+  # Image summaries are [width, height, encoded PNG...] string tensors; 16 px views are
+  # scaled 7x (at least 112 px each): 2 large views + 1 small.
+  width, height = (int(x) for x in events["train/views"][0][1][:2])
+  assert (width, height) == (7 * (3 * (16 + 2) + 2), 7 * (16 + 4))
   for step, value in events["eval/knn_top1_k5"]:
     assert round(100 * float(value), 2) == printed[step]
