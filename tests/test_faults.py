@@ -308,7 +308,8 @@ def test_full_disk_stops_the_run_with_a_clear_error(full_disk_run):
   assert f"disk full after checkpoint {fill_after}" in out.stdout, out.stdout[-2000:]
   assert out.returncode != 0, out.stdout[-3000:]
   match = re.search(r"CheckpointError: saving checkpoint (\d+) to '[^']*/checkpoints/latest' "
-                    r"failed \((.*)\); the checkpoints saved before are untouched", out.stderr)
+                    r"failed \((.*)\); this save's temporary files were removed, the complete "
+                    r"checkpoints there are \[[0-9, ]*\]", out.stderr)
   assert match, out.stderr[-3000:]
   assert int(match.group(1)) > fill_after
   # The cause as Python (OSError errno 28) or TensorStore (RESOURCE_EXHAUSTED) words it.
