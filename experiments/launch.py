@@ -93,8 +93,11 @@ def checkpointer_factory(config, mode):
   metadata = run_config.run_metadata(config)
   check = functools.partial(run_config.check_resume, current=metadata,
                             allowed=_ALLOW_CONFIG_CHANGE.value)
-  return checkpointing.OrbaxCheckpointer(directory, max_to_keep=config.max_checkpoints_to_keep,
-                                         run_metadata=metadata, check_resume=check)
+  checkpointer = checkpointing.OrbaxCheckpointer(
+      directory, max_to_keep=config.max_checkpoints_to_keep, run_metadata=metadata,
+      check_resume=check)
+  checkpointer.check_resume("latest")  # Refuses before the experiment is built.
+  return checkpointer
 
 
 def experiment_class_for(name):

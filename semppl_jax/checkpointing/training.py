@@ -720,6 +720,24 @@ class OrbaxCheckpointer:
     step = self._latest(ckpt_series)
     return None if step is None else os.path.join(self._directory, ckpt_series, str(step))
 
+  def check_resume(self, ckpt_series: str) -> None:
+    """Runs ``check_resume`` on the newest checkpoint of the series now (before any state is
+    built); a checkpoint whose metadata is unreadable is left to :meth:`restore`.
+
+    Raises:
+      ResumeRefused: from ``check_resume``.
+    """
+    if self._check_resume is None or self._latest(ckpt_series) is None:
+      return
+    ocp = _ocp()
+    step = self._managers[ckpt_series].latest_step()
+    try:
+      meta = self._managers[ckpt_series].restore(step, args=ocp.args.Composite(
+          **{_META_ITEM: ocp.args.JsonRestore()}))[_META_ITEM]
+    except Exception:  # pylint: disable=broad-except
+      return  # Damaged: restore() reports it and falls back (and checks the older one).
+    self._check_resume(meta.get("run"), os.path.join(self._directory, ckpt_series, str(step)))
+
   def restore(self, ckpt_series: str) -> None:
     """Restores the newest readable checkpoint into the series' experiment state.
 
