@@ -492,6 +492,31 @@ def read_experiment_snapshot(path: Any, *, select: Any = None) -> tuple[int | No
                         + "; ".join(failures))
 
 
+def _check_shapes(step_dir: str, template: Any) -> None:
+  """Raises :class:`ResumeRefused` naming every leaf of the experiment snapshot whose saved shape
+  differs from this run's (a config that sizes it changed); unreadable metadata is left to the
+  restore to report."""
+  try:
+    saved = _ocp().PyTreeCheckpointer().metadata(
+        epath.Path(step_dir) / _MODULE_KEY).item_metadata.tree["value"]
+    saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape)
+                    for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+  except Exception:  # pylint: disable=broad-except
+    return
+  diffs = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(template):
+    name = jax.tree_util.keystr(path)
+    shape = tuple(np.shape(leaf))
+    if name in saved_shapes and saved_shapes[name] != shape:
+      diffs.append(f"  {name}: saved {saved_shapes[name]}, this run {shape}")
+  if diffs:
+    shown = diffs[:20] + ([f"  ... and {len(diffs) - 20} more"] if len(diffs) > 20 else [])
+    raise ResumeRefused(
+        f"refusing to resume {step_dir}: {len(diffs)} array(s) of the saved state have another "
+        "shape than this run's (a config field that sizes them changed: network width or head "
+        "sizes, queue size, number of views or classes ...):\n" + "\n".join(shown))
+
+
 class ExperimentState:
   """Attribute container jaxline's train/eval loops fill (``global_step``, ``experiment_module``,
   ``train_step_rng``, ``best_eval_metric_value`` ...); one per checkpoint series."""
@@ -741,13 +766,16 @@ class OrbaxCheckpointer:
   def restore(self, ckpt_series: str) -> None:
     """Restores the newest readable checkpoint into the series' experiment state.
 
-    A checkpoint that cannot be restored (corrupt or missing files, an empty step directory,
-    entries or shapes that do not fit the current state) is logged as a warning naming its
-    directory and the reason, and the next older one is tried; the state is only changed by
-    the one that restores completely.
+    A checkpoint that cannot be restored (files failing their checksums, corrupt or missing
+    files, an empty step directory, entries that do not fit the current state) is logged as a
+    warning naming its directory and the reason, and the next older one is tried; the state is
+    only changed by the one that restores completely.
 
     Raises:
       CheckpointError: no checkpoint, or none can be restored (each one's reason is listed).
+      ResumeRefused: ``check_resume`` refused the stored run metadata, or arrays of the saved
+        snapshot have other shapes than the current state's (each named); older checkpoints
+        are not tried (they belong to the same run).
     """
     if self._latest(ckpt_series) is None:
       raise CheckpointError(f"no checkpoint to restore in {self._directory}/{ckpt_series}")
@@ -789,6 +817,8 @@ class OrbaxCheckpointer:
         untargeted.append(key)
       else:
         templates[key] = template
+    if _MODULE_KEY in templates:
+      _check_shapes(step_dir, templates[_MODULE_KEY])
     restored = dict(manager.restore(step, args=ocp.args.Composite(**{
         key: ocp.args.StandardRestore({"value": _abstract(t, key)})
         for key, t in templates.items()})))

@@ -518,3 +518,16 @@ def test_run_metadata_is_stored_and_check_resume_can_refuse(tmp_path, mesh):
   assert seen == [({"config": {"a": [1, 2]}}, f"{tmp_path}/latest/1")]
   assert state.global_step == 0
   resumed.close()
+
+
+def test_shape_mismatch_names_the_leaf_and_is_not_taken_for_damage(tmp_path, mesh):
+  ckpt, _ = _checkpointer_at(tmp_path, mesh, 1, 1.0)
+  ckpt.save("latest")
+  ckpt.close()
+  resumed, state = _checkpointer_at(tmp_path, mesh, 0, 0.0)
+  state.experiment_module.params = jnp.zeros((16, 2), jnp.float32)
+  with pytest.raises(ck.ResumeRefused,
+                     match=r"1 array\(s\) of the saved state have another shape .*\n"
+                           r"  \['params'\]: saved \(8, 2\), this run \(16, 2\)"):
+    resumed.restore("latest")
+  resumed.close()
