@@ -37,3 +37,34 @@ def test_second_signal_ends_the_process_at_once():
                        env=dict(os.environ, PYTHONPATH=os.getcwd()))
   assert out.returncode == -signal.SIGINT, (out.returncode, out.stderr[-2000:])
   assert "not reached" not in out.stdout
+
+
+class _Loop(mesh_experiment.MeshExperiment):
+  """Just enough of an experiment to ask _should_stop."""
+
+  def __init__(self):  # pylint: disable=super-init-not-called
+    pass
+
+  def step(self, **kwargs):
+    raise NotImplementedError
+
+  def evaluate(self, **kwargs):
+    raise NotImplementedError
+
+
+def test_processes_agree_on_the_stop_step_at_progress_lines(monkeypatch):
+  """Several processes: only the progress-line steps ask, and any process's signal stops all."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gathered = []
+
+  def allgather(local):
+    gathered.append(int(local))
+    return [int(local), 1]  # The other process got the signal.
+  monkeypatch.setattr(mesh_experiment.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  loop = _Loop()
+  assert [loop._should_stop(done, log_every=5) for done in range(1, 11)] == [
+      False] * 4 + [True] + [False] * 4 + [True]
+  assert gathered == [0, 0]  # One collective per progress line, none in between.
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda local: [0, 0])
+  assert not loop._should_stop(5, log_every=5)
