@@ -189,10 +189,11 @@ def write_manifest(step_dir: Any) -> None:
   complete (committed) checkpoint, written atomically (temporary file, fsync, rename).
 
   Local directories only; a bucket URL is left without a manifest (restores then say it is
-  unverified).
+  unverified). Written by process 0 only (Orbax's primary host, which commits the checkpoint
+  after every process has written its shards); every process verifies it on restore.
   """
   step_dir = os.fspath(step_dir)
-  if "://" in step_dir:
+  if "://" in step_dir or jax.process_index() != 0:
     return
   files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
                  _HASH: _file_digest(os.path.join(step_dir, rel))}
