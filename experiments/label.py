@@ -290,16 +290,29 @@ def knn_labels(queries: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray, *
 # Outputs.
 # ----------------------------------------------------------------------------------------------
 
+# First characters a spreadsheet reads as a formula (or that hide one): OWASP's CSV injection.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+  """A text cell safe to open in a spreadsheet: a cell starting with ``= + - @``, tab or CR
+  gets a leading ``'`` (OWASP's CSV-injection advice), so a file or class named
+  ``=HYPERLINK(...)`` is shown, not evaluated."""
+  return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 def write_csv(path: str, unlabelled: Images, labelled: Images, result: Labels,
               with_truth: bool = False) -> None:
-  """One row per unlabelled image (columns: :data:`CSV_COLUMNS`, then ``true_class``)."""
-  names = unlabelled.class_names
+  """One row per unlabelled image (columns: :data:`CSV_COLUMNS`, then ``true_class``); file and
+  class names pass through :func:`csv_text`."""
+  names = [csv_text(n) for n in unlabelled.class_names]
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(CSV_COLUMNS + (("true_class",) if with_truth else ()))
     for i, name in enumerate(unlabelled.names):
       p, n = int(result.predicted[i]), int(result.nearest[i])
-      row = [name, names[p], p, f"{result.vote_share[i]:.4f}", labelled.names[n],
+      row = [csv_text(name), names[p], p, f"{result.vote_share[i]:.4f}",
+             csv_text(labelled.names[n]),
              names[int(labelled.labels[n])], f"{result.nearest_similarity[i]:.4f}"]
       if with_truth:
         row.append(names[int(unlabelled.labels[i])])
@@ -386,6 +399,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--label_percent", type=int, default=10, choices=(1, 10),
                       help="Fashion-MNIST: which committed labelled subset")
   parser.add_argument("--output_dir", default="labels", help="where labels.csv and the PNG go")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an existing labels.csv / PNG in --output_dir")
   parser.add_argument("--image_size", type=int, default=0,
                       help="side the images are resized to (0: 28 for Fashion-MNIST, 64 for "
                       "small-image encoders, else 224)")
@@ -415,6 +430,10 @@ def run(args: argparse.Namespace) -> Result:
       raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
   if not args.temperature > 0:
     raise ValueError(f"--temperature: must be > 0, got {args.temperature}")
+  for name in ("labels.csv", "examples_per_class.png"):
+    existing = os.path.join(args.output_dir, name)
+    if os.path.exists(existing) and not getattr(args, "overwrite", False):
+      raise ValueError(f"--output_dir: {existing} exists; pass --overwrite to replace it")
   mesh = parallel.make_mesh()
   if args.batch_size % mesh.shape["data"]:
     raise ValueError(f"--batch_size: {args.batch_size} is not a multiple of the "

@@ -20,7 +20,25 @@ restarted run resumes from the latest one. Multi-host: pass --coordinator_addres
 and --process_id on every host, or --distributed_auto on a TPU slice / under SLURM or Open MPI
 (jax detects the cluster). The --*_timeout_s flags bound how long the healthy processes wait for a
 lost one before they exit with an error. Only process 0 writes TensorBoard events.
+
+One run per directory: process 0 holds an OS lock on ``<checkpoint_dir>/run.lock`` (taken
+before anything is written there, released by the kernel however the process ends); a second
+launch on the same directory exits at once naming the holder's pid and host. Bucket URLs
+(``gs://``) are not locked: make sure one run writes there.
+
+Preemption: SIGTERM or SIGINT stops training after the current step (every process at the same
+step), saves that step's checkpoint and exits with code 75; relaunching the same command
+resumes with no step lost. A second signal exits at once without saving.
+
+Config-checked resume: every checkpoint stores the resolved config and the package version;
+resuming with another value of a run-defining field (semppl_jax/jaxline/run_config.py) is
+refused with one line per field, saved -> now; --allow_config_change=<field>,... accepts it.
+
+Exit codes: 0 done; 1 an error (traceback); 73 another run holds the directory; 75 stopped by
+SIGTERM / SIGINT after saving a checkpoint (relaunch to resume); 78 resume refused, the config
+differs from the checkpoint's.
 """
+import functools
 import os
 import re
 import sys
@@ -46,6 +64,13 @@ from jaxline import platform  # pylint: disable=g-import-not-at-top
 from experiments import launch_config  # pylint: disable=g-import-not-at-top
 from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
+from semppl_jax.checkpointing import run_lock  # pylint: disable=g-import-not-at-top
+from semppl_jax.jaxline import mesh_experiment  # pylint: disable=g-import-not-at-top
+from semppl_jax.jaxline import run_config  # pylint: disable=g-import-not-at-top
+
+EXIT_LOCKED = 73     # EX_CANTCREAT: another run holds the run directory.
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving; relaunch to resume.
+EXIT_CONFIG_CHANGED = 78  # EX_CONFIG: resuming with another run-defining config refused.
 
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0, for multi-host runs without auto-detection.")
@@ -71,6 +96,11 @@ _WANDB_PROJECT = flags.DEFINE_string("wandb_project", "semppl_jax", "W&B project
 _PRINT_CONFIG = flags.DEFINE_bool(
     "print_config", False, "Print the resolved config (overrides applied, step counts fitted "
     "to training_steps) and exit without running.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change", [],
+    "Run-defining config fields (as the refusal names them, e.g. training_steps or "
+    "experiment_kwargs.config.queue.size; 'all' for every one) allowed to differ from the "
+    "checkpoint's when resuming. Without it a resume with another config is refused.")
 
 
 def checkpointer_factory(config, mode):
@@ -79,7 +109,15 @@ def checkpointer_factory(config, mode):
   root = config.checkpoint_dir
   # A bucket URL (gs://...) is used as it is; Orbax and TensorBoard write there natively.
   directory = os.path.join(root if "://" in root else os.path.abspath(root), "checkpoints")
-  return checkpointing.OrbaxCheckpointer(directory, max_to_keep=config.max_checkpoints_to_keep)
+  # Every checkpoint stores the resolved config; a resume with another one is refused.
+  metadata = run_config.run_metadata(config)
+  check = functools.partial(run_config.check_resume, current=metadata,
+                            allowed=_ALLOW_CONFIG_CHANGE.value)
+  checkpointer = checkpointing.OrbaxCheckpointer(
+      directory, max_to_keep=config.max_checkpoints_to_keep, run_metadata=metadata,
+      check_resume=check)
+  checkpointer.check_resume("latest")  # Refuses before the experiment is built.
+  return checkpointer
 
 
 def experiment_class_for(name):
@@ -270,6 +308,22 @@ def say_next_steps(config) -> None:
   print(f"[next] curves: tensorboard --logdir {run_dir}   (PNGs: {run_dir}/plots)", flush=True)
 
 
+def lock_run_directory(config):
+  """The run directory's lock (held until the process ends), or exit ``EXIT_LOCKED``."""
+  try:
+    lock = run_lock.lock_run_directory(config.checkpoint_dir)
+  except run_lock.RunDirectoryLocked as e:
+    print(f"[setup] {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_LOCKED)
+  except checkpointing.CheckpointError as e:  # A file in the way, no permission ...
+    print(f"[setup] {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  if lock is None:
+    print(f"[setup] {config.checkpoint_dir} is a bucket URL, which cannot be locked: make sure "
+          "no other run writes there", file=sys.stderr, flush=True)
+  return lock
+
+
 def main(argv):
   try:
     config = load_config()
@@ -277,8 +331,16 @@ def main(argv):
     if _PRINT_CONFIG.value:
       print(config)
       return 0
+    # Process 0 locks the run directory before anything is written there (with
+    # --distributed_auto its index is known only once jax.distributed has started).
+    lock = None
+    if not _DISTRIBUTED_AUTO.value and _PROCESS_ID.value == 0:
+      lock = lock_run_directory(config)
+    mesh_experiment.PREEMPTION.install()
     log_file = route_library_logs(config)
     initialize_distributed()
+    if _DISTRIBUTED_AUTO.value and jax.process_index() == 0:
+      lock = lock_run_directory(config)
     experiment_class = experiment_class_for(config.experiment_class)
     # Check the config before jaxline starts: nothing is created or compiled for a bad one.
     experiment_module = sys.modules[experiment_class.__module__]
@@ -295,9 +357,21 @@ def main(argv):
     if _WRITER.value == "wandb" and jax.process_index() == 0:
       platform.create_writer = monitoring.wandb_writer_factory(_WANDB_PROJECT.value)
     platform.create_writer = monitoring.grouped_writer_factory(platform.create_writer)
-    platform.main(experiment_class, argv, checkpointer_factory=checkpointer_factory)
+    try:
+      platform.main(experiment_class, argv, checkpointer_factory=checkpointer_factory)
+    except checkpointing.ResumeRefused as e:
+      print(f"[setup] {e}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_CONFIG_CHANGED)
+    preemption = mesh_experiment.PREEMPTION
+    if preemption.requested() and preemption.stopped_at is not None:
+      mesh_experiment.say(
+          f"[preempt] stopped by {preemption.signal_name()} at step {preemption.stopped_at}; "
+          f"its checkpoint is saved in {config.checkpoint_dir}; relaunch the same command to "
+          f"resume (exit code {EXIT_PREEMPTED})")
+      sys.exit(EXIT_PREEMPTED)
     if jax.process_index() == 0 and config.experiment_class == "pretrain":
       say_next_steps(config)
+    del lock  # Held to here; the kernel releases it at exit.
   except (ConfigError, ValueError) as e:
     line = str(e) if isinstance(e, ConfigError) else config_error_line(e)
     if line is None or verbose():

@@ -299,3 +299,82 @@ def test_eval_folder_uses_the_training_class_map(tmp_path):
     image_folder.image_folder_eval(str(test), image_size=S, batch_size=2, class_names=names)
   with pytest.raises(ValueError, match="class_names is required"):
     image_folder.image_folder_eval(str(test), image_size=S, batch_size=2)
+
+
+# ----- Bit depth, PNG CRCs, pixel cap (issue 21). -----
+
+def _gradient16():
+  """A 64 x 256 16-bit gradient over the whole range 0..65535."""
+  return np.round(np.linspace(0, 65535, 64 * 256)).astype(np.uint16).reshape(64, 256)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG"])
+def test_16bit_images_keep_their_range(tmp_path, fmt):
+  path = tmp_path / f"g.{fmt.lower()}"
+  Image.fromarray(_gradient16()).save(path, format=fmt)
+  checked = image_folder.check_images([str(path)])
+  assert checked.paths == (str(path),)
+  # The decoder the pipeline uses for this file (Pillow for TIFF, TensorFlow for PNG).
+  if checked.pillow[0]:
+    rgb = image_folder.load_rgb(str(path))
+  else:
+    rgb = image_folder.pipelines.decode_full(tf.io.read_file(str(path))).numpy()
+  assert rgb.dtype == np.uint8 and rgb.shape == (64, 256, 3)
+  want = np.round(_gradient16() / 257.0)
+  assert np.abs(rgb[..., 0].astype(int) - want).max() <= 1
+  assert len(np.unique(rgb)) == 256
+  assert (rgb == 255).mean() < 0.01
+
+
+def test_float_images_are_scaled_and_out_of_range_ones_named(tmp_path):
+  good = tmp_path / "good.tiff"
+  Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(good)
+  rgb = image_folder.load_rgb(str(good))
+  np.testing.assert_array_equal(rgb[..., 1].ravel(), np.rint(np.linspace(0, 1, 64) * 255))
+  bad = tmp_path / "bright.tiff"
+  Image.fromarray(np.full((8, 8), 1.5, np.float32)).save(bad)
+  nan = tmp_path / "nan.tiff"
+  Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(nan)
+  with pytest.raises(ValueError) as e:
+    image_folder.check_images([str(good), str(bad), str(nan)])
+  text = str(e.value)
+  assert "2 of 3 image files" in text
+  assert f"{bad}: ValueError: {bad}: a float image must hold values in [0, 1]" in text
+  assert f"{nan}: ValueError: {nan}: 64 pixel values are not finite" in text
+
+
+def _png_with_corrupt_idat(path):
+  """A valid PNG with one byte inside its IDAT chunk changed (CRC no longer matches)."""
+  data = bytearray(_png_bytes(77, (32, 32)))
+  start = data.index(b"IDAT") + 4
+  data[start + 5] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def test_png_with_corrupt_idat_is_named_at_the_scan(tmp_path):
+  path = tmp_path / "bad.png"
+  _png_with_corrupt_idat(path)
+  with pytest.raises(ValueError, match=rf"{path}: PNG chunk 'IDAT' at byte \d+ fails its CRC"):
+    image_folder.check_images([str(path)])
+  checked = image_folder.check_images([str(path)], skip_corrupt=True)
+  assert checked.paths == () and checked.skipped[0][0] == str(path)
+
+
+def test_pixel_cap_refuses_before_decoding(tmp_path):
+  path = tmp_path / "huge.png"
+  # A 13000 x 13000 PNG whose pixels never need decoding to be refused: only the header is
+  # valid (the scan refuses by size before reading the data).
+  Image.new("L", (300, 200)).save(path)
+  data = bytearray(path.read_bytes())
+  data[16:24] = (13000).to_bytes(4, "big") + (13000).to_bytes(4, "big")
+  data[29:33] = image_folder.zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=rf"{path}: 13000x13000 = 169,000,000 pixels exceed the "
+                                       r"cap of 64,000,000 \(max_pixels\)"):
+    image_folder.check_images([str(path)])
+  small = tmp_path / "small.png"
+  Image.new("RGB", (300, 200)).save(small)
+  with pytest.raises(ValueError, match=r"300x200 = 60,000 pixels exceed the cap of 50,000"):
+    image_folder.check_images([str(small)], max_pixels=50_000)
+  with pytest.raises(ValueError, match=r"exceed the cap of 50,000"):
+    image_folder.load_rgb(str(small), max_pixels=50_000)

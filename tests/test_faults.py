@@ -308,7 +308,8 @@ def test_full_disk_stops_the_run_with_a_clear_error(full_disk_run):
   assert f"disk full after checkpoint {fill_after}" in out.stdout, out.stdout[-2000:]
   assert out.returncode != 0, out.stdout[-3000:]
   match = re.search(r"CheckpointError: saving checkpoint (\d+) to '[^']*/checkpoints/latest' "
-                    r"failed \((.*)\); the checkpoints saved before are untouched", out.stderr)
+                    r"failed \((.*)\); this save's temporary files were removed, the complete "
+                    r"checkpoints there are \[[0-9, ]*\]", out.stderr)
   assert match, out.stderr[-3000:]
   assert int(match.group(1)) > fill_after
   # The cause as Python (OSError errno 28) or TensorStore (RESOURCE_EXHAUSTED) words it.
@@ -321,3 +322,89 @@ def test_full_disk_loses_no_checkpoint(full_disk_run, reference):
   assert not _tmp_dirs(copied), "the failed save left its temporary directory"
   steps = _assert_matches_reference(copied, reference, "full-disk run")
   assert steps[-1] == failed - 1 >= fill_after, (steps, failed)
+
+
+# ----- Preemption, config-checked resume, one writer per directory (issue 21). -----
+
+EXIT_LOCKED, EXIT_PREEMPTED, EXIT_CONFIG_CHANGED = 73, 75, 78
+NO_PERIODIC_SAVE = "--config.save_checkpoint_interval=1000"
+
+
+@pytest.fixture(scope="module")
+def sigterm_run(base):
+  """SIGTERM a random 0-300 ms after a random step's progress line (no periodic saves: the
+  only checkpoint is the one the signal makes), then resume to the end."""
+  rng = random.Random(SEED + 2)
+  run_dir, seen = base / "sigterm", {}
+  kill_step = rng.randint(2, STEPS - 3)
+  delay = rng.uniform(0.0, 0.3)
+  run = _Background(run_dir, base / "sigterm_1.log", NO_PERIODIC_SAVE)
+  run.wait_for(lambda: f"[train] step {kill_step}/{STEPS}" in run.log(), f"step {kill_step}")
+  time.sleep(delay)
+  run.proc.send_signal(signal.SIGTERM)
+  run.proc.wait(timeout=120)
+  seen.update(kill_step=kill_step, rc=run.proc.returncode, log_1=run.log(),
+              saved=launch_util.saved_steps(run_dir),
+              tmp_dirs=_tmp_dirs(run_dir))
+  out = launch_util.run_launch(run_dir, ONE_DEVICE, *RUN, NO_PERIODIC_SAVE)
+  assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-5000:])
+  seen.update(final_stdout=out.stdout, final_stderr=out.stderr)
+  return run_dir, seen
+
+
+def test_sigterm_saves_the_current_step_and_exits_75(sigterm_run, reference):
+  run_dir, seen = sigterm_run
+  assert seen["rc"] == EXIT_PREEMPTED, seen["log_1"][-3000:]
+  match = re.search(r"\[preempt\] stopped by SIGTERM at step (\d+); its checkpoint is saved in "
+                    r"\S+; relaunch the same command to resume \(exit code 75\)", seen["log_1"])
+  assert match, seen["log_1"][-3000:]
+  stopped = int(match.group(1))
+  # No step lost: every step trained before the signal was handled is in the checkpoint.
+  last_logged = max(int(m) for m in re.findall(rf"\[train\] step (\d+)/{STEPS}", seen["log_1"]))
+  assert stopped == last_logged >= seen["kill_step"], (stopped, last_logged)
+  assert seen["saved"] == [stopped]
+  assert not seen["tmp_dirs"]
+  got_step, got = launch_util.checkpoint_state(run_dir, stopped)
+  assert got_step == stopped
+  _assert_bit_identical(got, launch_util.checkpoint_state(reference, stopped)[1],
+                        f"checkpoint {stopped} saved on SIGTERM")
+  assert f"[train] step {stopped + 1}/{STEPS} | compiled" in seen["final_stdout"]
+
+
+def test_sigterm_resumed_run_ends_bit_identical(sigterm_run, reference):
+  run_dir, _ = sigterm_run
+  _, got = launch_util.checkpoint_state(run_dir, STEPS)
+  _assert_bit_identical(got, launch_util.checkpoint_state(reference, STEPS)[1],
+                        "SIGTERM-resumed run")
+
+
+def test_resume_with_another_config_is_refused_naming_each_field(sigterm_run):
+  run_dir, _ = sigterm_run
+  before = launch_util.saved_steps(run_dir)
+  out = launch_util.run_launch(
+      run_dir, ONE_DEVICE, *RUN, NO_PERIODIC_SAVE,
+      "--config.experiment_kwargs.config.semppl.temperature=0.5",
+      "--config.experiment_kwargs.config.objective=relic")
+  assert out.returncode == EXIT_CONFIG_CHANGED, (out.stdout[-2000:], out.stderr[-3000:])
+  assert "in 2 run-defining field(s)" in out.stderr, out.stderr[-3000:]
+  assert "  experiment_kwargs.config.objective: \"semppl\" -> \"relic\"" in out.stderr
+  assert "  experiment_kwargs.config.semppl.temperature: 0.2 -> 0.5" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert launch_util.saved_steps(run_dir) == before
+
+
+def test_second_launch_on_a_locked_directory_exits_at_once(tmp_path):
+  from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  run_dir = tmp_path / "locked"
+  with checkpointing.lock_run_directory(run_dir):
+    started = time.time()
+    out = launch_util.run_launch(run_dir, ONE_DEVICE, *RUN)
+  assert out.returncode == EXIT_LOCKED, (out.stdout[-2000:], out.stderr[-3000:])
+  assert (f"another run (pid {os.getpid()}, host {os.uname().nodename}) holds {run_dir}"
+          in out.stderr), out.stderr[-2000:]
+  assert sorted(os.listdir(run_dir)) == ["run.lock"]  # Nothing else written.
+  assert time.time() - started < 120
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("x")
+  out = launch_util.run_launch(not_a_dir, ONE_DEVICE, *RUN)
+  assert out.returncode == 1 and "is a file" in out.stderr and "Traceback" not in out.stderr

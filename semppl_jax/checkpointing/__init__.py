@@ -10,7 +10,9 @@ One concern per module; every public name is re-exported here, so
   :func:`verify_released_checkpoint`, :func:`expected_tree` ...).
 * :mod:`.export`: :func:`export_release_checkpoint`, the writer of that format.
 * :mod:`.training`: Orbax training checkpoints (:func:`save_state`, :func:`restore_latest`,
-  :class:`OrbaxCheckpointer` for jaxline ...).
+  :class:`OrbaxCheckpointer` for jaxline ...), each with a checksum manifest
+  (:func:`write_manifest`, :func:`verify_manifest`).
+* :mod:`.run_lock`: one writer per run directory (:func:`lock_run_directory`).
 """
 from semppl_jax.checkpointing.errors import CheckpointError
 from semppl_jax.checkpointing.export import export_release_checkpoint
@@ -25,16 +27,23 @@ from semppl_jax.checkpointing.release import verify_released_checkpoint
 from semppl_jax.checkpointing.training import ExperimentState
 from semppl_jax.checkpointing.training import latest_step
 from semppl_jax.checkpointing.training import newest_checkpoint_dir
+from semppl_jax.checkpointing.run_lock import lock_run_directory
+from semppl_jax.checkpointing.run_lock import RunDirectoryLocked
+from semppl_jax.checkpointing.run_lock import RunLock
 from semppl_jax.checkpointing.training import OrbaxCheckpointer
 from semppl_jax.checkpointing.training import read_experiment_snapshot
 from semppl_jax.checkpointing.training import restore_latest
+from semppl_jax.checkpointing.training import ResumeRefused
 from semppl_jax.checkpointing.training import save_state
+from semppl_jax.checkpointing.training import verify_manifest
+from semppl_jax.checkpointing.training import write_manifest
 from semppl_jax.checkpointing.unpickler import ALLOWED_GLOBALS
 
 __all__ = [
     "ALLOWED_GLOBALS", "CheckpointError", "CheckpointReport", "ExperimentState", "ModuleTree",
-    "OrbaxCheckpointer", "ReleasedCheckpoint", "expected_tree", "export_release_checkpoint",
-    "latest_step", "load_released_checkpoint", "load_released_checkpoint_full",
-    "newest_checkpoint_dir", "read_experiment_snapshot", "restore_latest", "save_state",
-    "verify_checkpoint_tree", "verify_released_checkpoint",
+    "OrbaxCheckpointer", "ReleasedCheckpoint", "ResumeRefused", "RunDirectoryLocked", "RunLock",
+    "expected_tree", "export_release_checkpoint", "latest_step", "load_released_checkpoint",
+    "load_released_checkpoint_full", "lock_run_directory", "newest_checkpoint_dir",
+    "read_experiment_snapshot", "restore_latest", "save_state", "verify_checkpoint_tree",
+    "verify_manifest", "verify_released_checkpoint", "write_manifest",
 ]

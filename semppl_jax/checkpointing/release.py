@@ -233,6 +233,35 @@ class ReleasedCheckpoint(NamedTuple):
   replica_axis_stripped: bool
 
 
+# BatchNorm EMA step counters are the only non-float leaves of a release (int32 there).
+_COUNTER_NAMES = ("counter",)
+_MAX_LISTED = 20
+
+
+def _check_values(tree: ModuleTree, what: str, path: str) -> None:
+  """Refuses leaves of another dtype than the release's (float32; integer ``counter`` state)
+  and non-finite values, naming every such leaf (the first :data:`_MAX_LISTED`)."""
+  problems = []
+  for module, leaves in tree.items():
+    for name, array in leaves.items():
+      where = f"{what}[{describe(module)}][{describe(name)}]"
+      if name in _COUNTER_NAMES and array.dtype.kind in "iu":
+        continue
+      expected = "an integer dtype or float32" if name in _COUNTER_NAMES else "float32"
+      if array.dtype != np.float32:
+        problems.append(f"{where}: dtype {array.dtype}, expected {expected} (the release's)")
+        continue
+      bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+      if bad:
+        problems.append(f"{where}: {bad:,} of {array.size:,} values are not finite (NaN or inf)")
+  if problems:
+    shown = problems[:_MAX_LISTED] + ([f"... and {len(problems) - _MAX_LISTED} more"]
+                                      if len(problems) > _MAX_LISTED else [])
+    raise CheckpointError(
+        f"checkpoint {path!r}: {len(problems)} leaf/leaves unusable as weights (cast to "
+        "float32 and check the export):\n  " + "\n  ".join(shown))
+
+
 def _read_release(path: Any) -> tuple[ModuleTree, ModuleTree, Any, Any]:
   path = os.fspath(path)
   raw = unpickle_file(path)
@@ -256,6 +285,8 @@ def _read_release(path: Any) -> tuple[ModuleTree, ModuleTree, Any, Any]:
         f"missing {missing} (expected 'online_params' and 'online_state')")
   params = _module_tree(experiment_state["online_params"], "experiment_state['online_params']")
   state = _module_tree(experiment_state["online_state"], "experiment_state['online_state']")
+  _check_values(params, "experiment_state['online_params']", path)
+  _check_values(state, "experiment_state['online_state']", path)
   rng = raw.get("rng")
   if rng is not None:
     rng = np.asarray(rng) if isinstance(rng, (np.ndarray, np.generic)) else None
@@ -279,8 +310,10 @@ def load_released_checkpoint_full(path: Any, *, encoder_prefix: str | None = Non
   Raises:
     CheckpointError: the file does not exist, is empty / truncated / not a pickle, names a
       global outside :data:`ALLOWED_GLOBALS`, lacks ``experiment_state`` / ``online_params`` /
-      ``online_state``, holds non-numeric leaves, has ambiguous replica axes, or the encoder
-      scope cannot be determined (or ``encoder_prefix`` is not in the file).
+      ``online_state``, holds non-numeric leaves, leaves of another dtype than the release's
+      (float32; BatchNorm ``counter`` integer) or non-finite values (each named), has ambiguous
+      replica axes, or the encoder scope cannot be determined (or ``encoder_prefix`` is not in
+      the file).
   """
   params, state, step, rng = _read_release(path)
   stripped = _has_replica_axis(params, state)
@@ -503,8 +536,10 @@ def verify_released_checkpoint(path: Any, architecture: str, width_multiplier: i
     A :class:`CheckpointReport` (parameter counts included).
 
   Raises:
-    CheckpointError: unreadable / unsafe file, or (with ``raise_on_mismatch``) any difference;
-      the message is the report's summary.
+    CheckpointError: unreadable / unsafe file, leaves of another dtype than float32 (integer
+      BatchNorm ``counter``) or non-finite values (each named; also without
+      ``raise_on_mismatch``), or (with ``raise_on_mismatch``) any name / shape difference; the
+      message is the report's summary.
   """
   exp_params, exp_state = expected_tree(architecture, width_multiplier,
                                         small_images=small_images)

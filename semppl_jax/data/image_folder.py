@@ -14,10 +14,18 @@ name, never skipped silently; files that are not images by extension (`.txt`, `.
 hidden entries are ignored.
 
 Before any pipeline is built every image is checked (`check_images`): Pillow reads its header,
-and a cheap end-of-file test catches truncated files (confirmed by a full decode only when the
-test is in doubt). Bad files are reported by path, or dropped and counted with
-`skip_corrupt=True`; so a broken file never surfaces as an anonymous TensorFlow error in the
-middle of training (and again on resume).
+images above a pixel cap (`max_pixels`, default 64 MP) are refused before anything is decoded,
+PNG chunk CRCs are verified (a damaged IDAT fails here, not at the first batch), and a cheap
+end-of-file test catches truncated files (confirmed by a full decode only when the test is in
+doubt); `full_decode=True` decodes every file. Bad files are reported by path, or dropped and
+counted with `skip_corrupt=True`; so a broken file never surfaces as an anonymous TensorFlow
+error in the middle of training (and again on resume). JPEG has no checksums: garbage inside
+the entropy-coded data decodes (libjpeg warns "Corrupt JPEG data") and is not detected.
+
+Bit depth: 16-bit images keep their range (TensorFlow scales 16-bit PNG to 8 bits; Pillow's
+16-bit and 32-bit integer modes are scaled by 255 / 65535 here, not clipped at 255), and float
+images (Pillow mode F, e.g. float TIFF) must hold values in [0, 1], scaled by 255; values out
+of range are refused by name at the scan.
 
 Files are listed and sorted in Python (so every host sees the same order), each host takes a
 contiguous shard of each list, and the rest is as for ImageNet (see `pipelines.py`).
@@ -27,7 +35,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import struct
 from typing import NamedTuple, Sequence
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -48,6 +58,11 @@ _TF_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP"})
 # Bytes read from the end of a file for the truncation test.
 _TAIL_BYTES = 1024
 _PNG_END = b"IEND\xaeB`\x82"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Default pixel cap (width x height) of one image: refused before decoding above it.
+MAX_PIXELS = 64_000_000
+# Pillow modes holding integers wider than 8 bits (16-bit data: scaled by 255 / 65535).
+_WIDE_INT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
 class ImageCheck(NamedTuple):
@@ -161,20 +176,57 @@ def list_image_folder(directory: str, class_names: Sequence[str] | None = None
   return paths, np.asarray(labels, np.int32), class_names
 
 
-def _problem(path: str, full_decode: bool) -> tuple[str | None, bool]:
+def _pixel_problem(width: int, height: int, max_pixels: int) -> str | None:
+  if width * height > max_pixels:
+    return (f"{width}x{height} = {width * height:,} pixels exceed the cap of {max_pixels:,} "
+            "(max_pixels); refused before decoding")
+  return None
+
+
+def _png_crc_problem(path: str) -> str | None:
+  """Verifies the CRC of every PNG chunk (reads the file once; no decompression)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data.startswith(_PNG_SIGNATURE):
+    return "not a PNG signature"
+  pos = len(_PNG_SIGNATURE)
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack(">I", data[pos:pos + 4])
+    end = pos + 8 + length
+    if end + 4 > len(data):
+      return f"PNG chunk at byte {pos} runs past the end of the file (truncated)"
+    kind = data[pos + 4:pos + 8]
+    (crc,) = struct.unpack(">I", data[end:end + 4])
+    if zlib.crc32(data[pos + 4:end]) != crc:
+      return f"PNG chunk {kind.decode('latin-1')!r} at byte {pos} fails its CRC (corrupt data)"
+    if kind == b"IEND":
+      return None
+    pos = end + 4
+  return "PNG without an IEND chunk (truncated)"
+
+
+def _problem(path: str, full_decode: bool, max_pixels: int = MAX_PIXELS
+             ) -> tuple[str | None, bool]:
   """(why `path` cannot be used or None, whether Pillow must decode it)."""
   try:
     with Image.open(path) as image:
       fmt = image.format
       width, height = image.size
+      too_big = _pixel_problem(width, height, max_pixels)
+      if too_big:
+        return too_big, False
       if fmt not in _TF_FORMATS:
         # Formats Pillow decodes in the pipeline get the full test here: it is what runs.
-        image.load()
+        _to_rgb(image, path)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     # PIL.UnidentifiedImageError and truncation errors are OSErrors.
     return f"{type(e).__name__}: {e}", False
   if width < 1 or height < 1:
     return f"empty image ({width}x{height})", False
+  if fmt == "PNG":
+    crc = _png_crc_problem(path)
+    if crc:
+      return crc, False
   if fmt in _TF_FORMATS and (full_decode or _looks_truncated(path, fmt)):
     # Valid files may carry bytes after their end marker, so a doubtful file is decoded in
     # full, by the decoder the pipeline uses (Pillow is more lenient than TensorFlow).
@@ -206,20 +258,24 @@ def _looks_truncated(path: str, fmt: str) -> bool:
 
 
 def check_images(paths: Sequence[str], *, skip_corrupt: bool = False,
-                 full_decode: bool = False, num_threads: int = 16) -> ImageCheck:
+                 full_decode: bool = False, num_threads: int = 16,
+                 max_pixels: int = MAX_PIXELS) -> ImageCheck:
   """The validation pass: finds every image file that the pipeline could not decode.
 
-  Per file: Pillow identifies the format and reads the header; JPEG, PNG, GIF, WebP and BMP
-  files get a cheap end-of-file test for truncation (a full TensorFlow decode confirms a
-  suspicious one); formats decoded by Pillow in the pipeline (TIFF) are decoded fully.
-  `full_decode` decodes every file fully (slow; catches corruption in the middle of a JPEG as
-  well).
+  Per file: Pillow identifies the format and reads the header; an image of more than
+  `max_pixels` pixels is refused before decoding; PNG chunk CRCs are verified; JPEG, PNG, GIF,
+  WebP and BMP files get a cheap end-of-file test for truncation (a full TensorFlow decode
+  confirms a suspicious one); formats decoded by Pillow in the pipeline (TIFF) are decoded
+  fully, and their values checked (float images must lie in [0, 1], wide integers in
+  [0, 65535]). `full_decode` decodes every file fully (slow; catches a damaged stream that
+  TensorFlow refuses but the cheap tests miss; JPEG entropy-data garbage still decodes).
 
   Args:
     paths: image files.
     skip_corrupt: drop bad files and return them in `skipped` instead of raising.
     full_decode: decode every image fully.
     num_threads: files checked concurrently (the pass is dominated by file reads).
+    max_pixels: largest width x height accepted (default :data:`MAX_PIXELS`, 64 MP).
 
   Returns:
     an `ImageCheck` (good paths in input order, Pillow flags, skipped files with reasons).
@@ -228,8 +284,9 @@ def check_images(paths: Sequence[str], *, skip_corrupt: bool = False,
     ValueError: without `skip_corrupt`, naming every bad file and why.
   """
   pipelines.check_int("num_threads", num_threads, 1)
+  pipelines.check_int("max_pixels", max_pixels, 1)
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-    results = list(pool.map(lambda p: _problem(p, full_decode), paths))
+    results = list(pool.map(lambda p: _problem(p, full_decode, max_pixels), paths))
   bad = tuple((p, why) for p, (why, _) in zip(paths, results) if why is not None)
   if bad and not skip_corrupt:
     listing = "\n".join(f"  {p}: {why}" for p, why in bad)
@@ -241,14 +298,14 @@ def check_images(paths: Sequence[str], *, skip_corrupt: bool = False,
 
 def scan_labelled_folder(directory: str, *, class_names: Sequence[str] | None = None,
                          skip_corrupt: bool = False, full_decode: bool = False,
-                         num_threads: int = 16) -> ImageFolder:
+                         num_threads: int = 16, max_pixels: int = MAX_PIXELS) -> ImageFolder:
   """Lists and checks a labelled folder of class sub-folders.
 
   Args:
     directory: folder with one sub-folder per class.
     class_names: the class map; for an evaluation folder pass the *training* folder's
       (`scan_labelled_folder(train_dir).class_names`); default: sorted sub-folder names.
-    skip_corrupt, full_decode, num_threads: as for `check_images`.
+    skip_corrupt, full_decode, num_threads, max_pixels: as for `check_images`.
 
   Returns:
     an `ImageFolder`; `skipped` lists dropped files (with `skip_corrupt`).
@@ -259,7 +316,7 @@ def scan_labelled_folder(directory: str, *, class_names: Sequence[str] | None = 
   """
   paths, labels, names = list_image_folder(directory, class_names)
   checked = check_images(paths, skip_corrupt=skip_corrupt, full_decode=full_decode,
-                         num_threads=num_threads)
+                         num_threads=num_threads, max_pixels=max_pixels)
   if not checked.paths:
     raise ValueError(f"directory {directory!r} has no decodable image left after dropping "
                      f"{len(checked.skipped)} corrupt files")
@@ -269,14 +326,16 @@ def scan_labelled_folder(directory: str, *, class_names: Sequence[str] | None = 
 
 
 def scan_unlabelled_folder(directory: str, *, skip_corrupt: bool = False,
-                           full_decode: bool = False, num_threads: int = 16) -> ImageFolder:
+                           full_decode: bool = False, num_threads: int = 16,
+                           max_pixels: int = MAX_PIXELS) -> ImageFolder:
   """Lists and checks a folder of unlabelled images (recursive); labels are all -1.
 
   Raises:
     ValueError: as `scan_labelled_folder`.
   """
   checked = check_images(list_images(directory), skip_corrupt=skip_corrupt,
-                         full_decode=full_decode, num_threads=num_threads)
+                         full_decode=full_decode, num_threads=num_threads,
+                         max_pixels=max_pixels)
   if not checked.paths:
     raise ValueError(f"directory {directory!r} has no decodable image left after dropping "
                      f"{len(checked.skipped)} corrupt files")
@@ -284,16 +343,52 @@ def scan_unlabelled_folder(directory: str, *, skip_corrupt: bool = False,
                      checked.pillow, checked.skipped)
 
 
-def load_rgb(path) -> np.ndarray:
-  """Decodes an image file with Pillow: uint8 `[H, W, 3]` (first frame; any mode -> RGB).
+def _to_rgb(image: Image.Image, path: str) -> np.ndarray:
+  """uint8 `[H, W, 3]` of an opened Pillow image, with its value range kept.
+
+  8-bit modes go through `convert('RGB')`. 16-bit / 32-bit integer modes (16-bit TIFF or PNG)
+  are scaled by 255 / 65535 (values must lie in [0, 65535]); float mode F by 255 (values must
+  lie in [0, 1]). Pillow's own conversion would clip both at 255 (a 0..65535 gradient became
+  two values).
 
   Raises:
-    ValueError: naming the file when Pillow cannot decode it.
+    ValueError: values out of range or not finite, naming `path`.
+  """
+  mode = image.mode
+  if mode in _WIDE_INT_MODES or mode == "F":
+    values = np.asarray(image)
+    if mode == "F":
+      lo, hi, scale, what = 0.0, 1.0, 255.0, "a float image must hold values in [0, 1]"
+      finite = np.isfinite(values)
+      if not finite.all():
+        raise ValueError(f"{path}: {values.size - int(finite.sum()):,} pixel values are not "
+                         "finite (NaN or inf)")
+    else:
+      lo, hi, scale, what = 0, 65535, 255.0 / 65535.0, ("a 16-bit image must hold values in "
+                                                         "[0, 65535]")
+    vmin, vmax = values.min(), values.max()
+    if vmin < lo or vmax > hi:
+      raise ValueError(f"{path}: {what} (Pillow mode {mode}), found [{vmin}, {vmax}]")
+    gray = np.rint(values.astype(np.float64) * scale).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+  return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def load_rgb(path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """Decodes an image file with Pillow: uint8 `[H, W, 3]` (first frame; any mode -> RGB,
+  16-bit and float images scaled as `_to_rgb` says).
+
+  Raises:
+    ValueError: naming the file when Pillow cannot decode it, its values are out of range, or
+      it has more than `max_pixels` pixels (checked before decoding).
   """
   path = path.decode() if isinstance(path, bytes) else str(path)
   try:
     with Image.open(path) as image:
-      return np.asarray(image.convert("RGB"), np.uint8)
+      too_big = _pixel_problem(*image.size, max_pixels)
+      if too_big:
+        raise ValueError(too_big)
+      return _to_rgb(image, path)
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 

@@ -5,6 +5,8 @@ Part of the jaxline layer: ``semppl_jax/jaxline/experiment.py`` (pre-training) a
 ``semppl_jax/jaxline/eval_experiment.py`` (evaluation) call these, and nothing below them reads a config.
 Each error is ``ValueError("config.<field>: ...")`` (``semppl_jax.jaxline.config_rules``).
 """
+import os
+
 from ml_collections import config_dict
 
 from semppl_jax import augmentations
@@ -121,6 +123,113 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
   rules.integer(config, "summaries.images_every_steps", low=0)
   rules.integer(config, "summaries.num_images", low=1)
   rules.boolean(config, "summaries.plots")
+  check_memory_fits(config, num_devices=num_devices)
+
+
+# Encoder parameters at width 1 (millions; ResNet v1 without the classifier; SK: ~1.3x, the
+# selective-kernel branches), for the memory estimate of check_memory_fits.
+_ENCODER_MPARAMS = {"tiny_resnet": 0.1, "resnet18": 11.2, "resnet34": 21.3, "resnet50": 23.5,
+                    "resnet101": 42.5, "resnet152": 58.1, "resnet200": 62.6,
+                    "sk_resnet50": 27.5, "sk_resnet101": 48.9, "sk_resnet152": 66.2}
+_F32 = 4
+# Parameter-sized float32 buffers per device: online + target weights, LARS momentum,
+# gradients, and the updated copy written while the old one is alive.
+_PARAM_COPIES = 5
+
+
+def _device_memory_bytes() -> tuple[int, str] | None:
+  """(bytes per device, what) of this process's first device; on CPU the host's RAM (a
+  lenient bound: the process's CPU devices share it); None if unknown."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def memory_estimate(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
+  """A lower bound of the bytes per device a pre-training step holds, by part.
+
+  Parts: ``queue`` (L queues of ``queue.size`` entries of ``projection_size`` float32 +
+  int32 label, sharded over devices, and the kNN scores of the global batch against the
+  device's shard, B float32 per entry), ``parameters`` (encoder, projector, predictor and
+  probe, float32, replicated, x5: online, target, momentum, gradients, update), ``logits``
+  (the contrastive and semantic similarity matrices of this device's rows against the global
+  batch, forward and backward: (L+S) x L x (1 + N_sp) x B/n x B float32, x2), ``views``
+  (the device's share of the augmented views, float32). Activations inside the encoder are
+  not counted: the real need is larger.
+  """
+  c = config
+  n = max(1, num_devices)
+  large, small = c.views.num_large, c.views.num_small
+  proj, hidden = c.network.projection_size, c.network.projector_hidden_size
+  pred_hidden = c.network.predictor_hidden_size
+  width = c.network.width_multiplier
+  emb = networks.embedding_size(c.network.encoder, width)
+  batch = c.data.labelled_batch_size + c.data.unlabelled_batch_size
+  encoder = int(_ENCODER_MPARAMS.get(c.network.encoder, 0.0) * 1e6 * width * width)
+  heads = (emb * hidden + 3 * hidden + hidden * proj) + (proj * pred_hidden + 3 * pred_hidden
+                                                         + pred_hidden * proj)
+  probe = emb * c.data.num_classes + c.data.num_classes
+  semantic = c.semppl.num_semantic_positives if c.objective == "semppl" else 0
+  pixels = large * c.views.large_size ** 2 + small * c.views.small_size ** 2
+  return {
+      "queue": -(-large * c.queue.size // n) * (proj * _F32 + 4 + _F32 * batch),
+      "parameters": _PARAM_COPIES * _F32 * (encoder + heads + probe),
+      "logits": 2 * _F32 * (large + small) * large * (1 + semantic) * -(-batch // n) * batch,
+      "views": _F32 * 3 * pixels * -(-batch // n),
+  }
+
+
+# The config fields that size each part (named in the error).
+_MEMORY_FIELDS = {
+    "queue": "queue.size",
+    "parameters": "network.projection_size",
+    "logits": "semppl.num_semantic_positives",
+    "views": "data.unlabelled_batch_size",
+}
+
+
+def check_memory_fits(config: config_dict.ConfigDict, *, num_devices: int,
+                      device_memory_bytes: int | None = None) -> None:
+  """Refuses a pre-training config whose :func:`memory_estimate` exceeds a device's memory.
+
+  Args:
+    config: ``experiment_kwargs.config`` (sizes already checked).
+    num_devices: devices on the data axis.
+    device_memory_bytes: memory of one device; None asks the first local device (GPU / TPU
+      ``bytes_limit``; on CPU the whole host RAM, so that only what cannot fit at all is
+      refused). Unknown: no check.
+
+  Raises:
+    ValueError: ``config.<field of the largest part>: ...`` with the estimate by part.
+  """
+  if device_memory_bytes is None:
+    found = _device_memory_bytes()
+    if found is None:
+      return
+    device_memory_bytes, what = found
+  else:
+    what = "device memory"
+  parts = memory_estimate(config, num_devices)
+  total = sum(parts.values())
+  if total <= device_memory_bytes:
+    return
+  gib = lambda b: f"{b / 2**30:,.3g} GiB"
+  largest = max(parts, key=parts.get)
+  listing = ", ".join(f"{k} {gib(v)} ({_MEMORY_FIELDS[k]})" for k, v in parts.items())
+  rules.fail(_MEMORY_FIELDS[largest],
+             f"this config needs at least {gib(total)} per device ({listing}; encoder "
+             f"activations not counted), more than the {gib(device_memory_bytes)} of {what} "
+             f"on each of {num_devices} device(s). Reduce the largest part or use more "
+             "devices.")
 
 
 _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",

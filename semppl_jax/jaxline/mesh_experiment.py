@@ -3,8 +3,15 @@
 jaxline's default loop replicates with ``pmap``; this base runs one ``jax.jit`` per step over a
 ``Mesh`` instead, keeps the step's metrics on device (fetched only when a line is printed), and
 prints progress and results on process 0 only.
+
+Preemption: :data:`PREEMPTION` (installed by the launcher) turns SIGTERM / SIGINT into a
+request to stop; the loop then ends after the current step, on every process at the same step,
+and jaxline's final save writes the checkpoint of that step. A second signal ends the process at
+once.
 """
 import collections
+import os
+import signal
 import time
 from typing import Any, Deque, Dict, Mapping
 
@@ -37,6 +44,67 @@ def say(message: str) -> None:
   """Prints ``message`` on process 0 only."""
   if is_main_process():
     print(message, flush=True)
+
+
+class Preemption:
+  """SIGTERM / SIGINT as a request to stop training after the current step.
+
+  ``install()`` replaces the handlers of both signals: the first one sets :attr:`signum` and
+  prints one line; a second one restores the default action and re-sends itself (the process
+  ends at once, without a final checkpoint). The training loop polls :meth:`requested`.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None      # The first signal received, or None.
+    self.stopped_at = None  # The global step the loop stopped at, or None.
+    self._previous = {}
+
+  def install(self) -> None:
+    """Installs the handlers (main thread only; idempotent)."""
+    for signum in self.SIGNALS:
+      if signum not in self._previous:
+        self._previous[signum] = signal.signal(signum, self._handle)
+
+  def uninstall(self) -> None:
+    """Puts the previous handlers back."""
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous.clear()
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is not None:
+      # Second signal: give up the graceful stop.
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
+      return
+    self.signum = signum
+    # os.write, not print: a handler may interrupt a print of the main thread.
+    os.write(2, f"[preempt] {signal.Signals(signum).name} received: stopping after the current "
+                "step and saving its checkpoint (send it again to exit at once, unsaved)\n"
+                .encode())
+
+  def signal_name(self) -> str:
+    """'SIGTERM' / 'SIGINT' (the first signal received), or '' if none."""
+    return signal.Signals(self.signum).name if self.signum is not None else ""
+
+  def requested(self) -> bool:
+    """Whether a stop signal arrived in this process."""
+    return self.signum is not None
+
+
+PREEMPTION = Preemption()
+
+
+def _stop_agreed(local: bool, num_processes: int) -> bool:
+  """Whether any process asked to stop (a collective: every process must call it)."""
+  if num_processes == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
+  return bool(np.any(flags))
 
 
 class MeshExperiment(jaxline_experiment.AbstractExperiment):
@@ -118,15 +186,36 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
   def _end_run(self, done: int, writer) -> None:
     """After the final evaluation."""
 
+  def _should_stop(self, done: int, log_every: int) -> bool:
+    """Whether to stop after step ``done - 1`` for a signal (:data:`PREEMPTION`).
+
+    One process: checked after every step. Several: agreed by a small all-gather at the
+    progress-line steps (every ``log_every``), so that every process stops at the same step
+    without a host round trip per step.
+    """
+    processes = jax.process_count()
+    if processes > 1 and done % log_every:
+      return False
+    return _stop_agreed(PREEMPTION.requested(), processes)
+
   def train_loop(self, config, state, periodic_actions, writer=None):
     """jaxline's loop without its pmap: integer steps, a progress line (steps/s, ETA) every
-    ``log_every_steps``, evaluation at the end (also when no step is left to run)."""
+    ``log_every_steps``, evaluation at the end (also when no step is left to run).
+
+    On SIGTERM / SIGINT (:data:`PREEMPTION`) the loop ends after the current step, without
+    evaluating; jaxline's final save then checkpoints that step.
+    """
     start_step = int(state.global_step)
     total = config.training_steps
     log_every = max(1, self.config.log_every_steps)
     self._begin_run(config, start_step)
     t0 = time.time()
     while self.should_run_step(int(state.global_step), config):
+      if self._should_stop(int(state.global_step), log_every):
+        PREEMPTION.stopped_at = int(state.global_step)
+        self._check_finite()  # Never stops "successfully" on a refused (non-finite) step.
+        say(f"[preempt] stopped at step {PREEMPTION.stopped_at}/{total}; saving its checkpoint")
+        return
       step = int(state.global_step)
       metrics = self.step(global_step=step, rng=None, writer=writer)
       state.global_step = step + 1

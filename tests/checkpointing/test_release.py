@@ -141,3 +141,35 @@ def test_verify_released_checkpoint(tmp_path, r50, heads):
           in report.differences)
   assert report.expected_num_params > 90_000_000
   path.unlink()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int32", "bool", "float16", "float64",
+                                 "float_counter"])
+def test_release_with_nonfinite_or_wrongly_typed_leaves_is_refused_naming_the_leaf(tmp_path,
+                                                                                   bad):
+  w = np.ones((3, 3, 3, 4), np.float32)
+  counter = np.asarray(1, np.int32)
+  if bad == "nan":
+    w[0, 0, 0, :2] = np.nan
+  elif bad == "inf":
+    w[1, 1, 1, 1] = -np.inf
+  elif bad == "float_counter":
+    counter = np.asarray(1.0, np.float64)
+  else:
+    w = w.astype(bad)
+  params = {"res_net18/~/initial_conv": {"w": w}}
+  state = {"res_net18/~/initial_batchnorm/~/mean_ema": {"counter": counter}}
+  path = tmp_path / "c.pkl"
+  path.write_bytes(pickle.dumps(release_dict(params, state), protocol=2))
+  if bad == "float_counter":
+    leaf = r"\['online_state'\]\['res_net18/~/initial_batchnorm/~/mean_ema'\]\['counter'\]"
+  else:
+    leaf = r"\['online_params'\]\['res_net18/~/initial_conv'\]\['w'\]"
+  why = {"nan": "2 of 108 values are not finite", "inf": "1 of 108 values are not finite",
+         "float_counter": "dtype float64, expected an integer dtype or float32"
+         }.get(bad, f"dtype {bad}, expected float32")
+  pattern = rf"{leaf}: {why}"
+  with pytest.raises(ck.CheckpointError, match=pattern):
+    ck.load_released_checkpoint(path)
+  with pytest.raises(ck.CheckpointError, match=pattern):
+    ck.verify_released_checkpoint(path, "resnet18", raise_on_mismatch=False)

@@ -378,3 +378,156 @@ def test_disk_full_during_save_keeps_previous_checkpoints(tmp_path, mesh, monkey
   assert state.global_step == 2
   np.testing.assert_array_equal(state.experiment_module.params, np.full((8, 2), 2.0))
   resumed.close()
+
+
+def _flip_bit(path, seed):
+  """Flips one (seeded) bit of a file in place."""
+  data = bytearray(path.read_bytes())
+  rng = np.random.RandomState(seed)
+  i = rng.randint(len(data))
+  data[i] ^= 1 << rng.randint(8)
+  path.write_bytes(bytes(data))
+
+
+def _files(step_dir):
+  return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != ck.training.MANIFEST_NAME)
+
+
+def test_every_checkpoint_file_is_in_the_manifest_and_a_flipped_bit_is_named(tmp_path, mesh):
+  ckpt, state = _checkpointer_at(tmp_path, mesh, 1, 1.0)
+  ckpt.save("latest")
+  ckpt.close()
+  step_dir = tmp_path / "latest" / "1"
+  assert (step_dir / ck.training.MANIFEST_NAME).is_file()
+  assert ck.verify_manifest(step_dir)
+  files = _files(step_dir)
+  assert len(files) > 3
+  pristine = {p: p.read_bytes() for p in files}
+  for seed, path in enumerate(files):
+    if path.stat().st_size == 0:
+      continue
+    _flip_bit(path, seed)
+    rel = str(path.relative_to(step_dir))
+    with pytest.raises(ck.CheckpointError, match=rf"{step_dir}: file {rel} fails its sha256"):
+      ck.verify_manifest(step_dir)
+    path.write_bytes(pristine[path])
+  files[0].write_bytes(pristine[files[0]] + b"x")
+  with pytest.raises(ck.CheckpointError, match="truncated or rewritten"):
+    ck.verify_manifest(step_dir)
+
+
+def test_flipped_bit_falls_back_to_the_previous_checkpoint(tmp_path, mesh, caplog):
+  ckpt, state = _checkpointer_at(tmp_path, mesh, 0, 0.0)
+  for step in (1, 2):
+    state.global_step = step
+    state.experiment_module = _DummyExperiment(mesh, float(step))
+    ckpt.save("latest")
+  ckpt.close()
+  step_dir = tmp_path / "latest" / "2"
+  data = max(_files(step_dir / "experiment_module"), key=lambda p: p.stat().st_size)
+  _flip_bit(data, 0)
+  resumed, state = _checkpointer_at(tmp_path, mesh, 0, -1.0)
+  with caplog.at_level(logging.WARNING):
+    resumed.restore("latest")
+  assert state.global_step == 1
+  np.testing.assert_array_equal(state.experiment_module.params, np.full((8, 2), 1.0))
+  rel = data.relative_to(step_dir)
+  assert any(f"Checkpoint {tmp_path}/latest/2 cannot be restored" in r.getMessage()
+             and f"file {rel} fails its sha256 checksum" in r.getMessage()
+             for r in caplog.records), [r.getMessage() for r in caplog.records]
+  resumed.close()
+  # Readers (label.py, evaluation, notebooks) fall back the same way.
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    global_step, snapshot = ck.read_experiment_snapshot(tmp_path)
+  assert global_step == 1
+  np.testing.assert_array_equal(snapshot["params"], np.full((8, 2), 1.0))
+  assert any(f"file {rel} fails" in r.getMessage() for r in caplog.records)
+  # The functional API verifies too.
+  directory = tmp_path / "fn"
+  for step in (1, 2):
+    ck.save_state(directory, step, {"x": np.full(2, step, np.float32)}, max_to_keep=3)
+  _flip_bit(max(_files(directory / "2"), key=lambda p: p.stat().st_size), 1)
+  step, tree = ck.restore_latest(directory, {"x": np.zeros(2, np.float32)})
+  assert step == 1
+
+
+def test_damaged_metadata_is_a_checkpoint_error_for_readers(tmp_path, mesh):
+  ckpt, _ = _checkpointer_at(tmp_path, mesh, 1, 1.0)
+  ckpt.save("latest")
+  ckpt.close()
+  step_dir = tmp_path / "latest" / "1"
+  for path in _files(step_dir):
+    if path.stat().st_size == 0:
+      continue
+    pristine = path.read_bytes()
+    for seed in range(3):
+      _flip_bit(path, seed)
+      # With the manifest: named by the checksum. Without it: whatever Orbax trips on, still
+      # a CheckpointError.
+      with pytest.raises(ck.CheckpointError):
+        ck.read_experiment_snapshot(tmp_path)
+      manifest = step_dir / ck.training.MANIFEST_NAME
+      saved_manifest = manifest.read_bytes()
+      manifest.unlink()
+      try:
+        ck.read_experiment_snapshot(tmp_path)
+      except ck.CheckpointError:
+        pass
+      finally:
+        manifest.write_bytes(saved_manifest)
+      path.write_bytes(pristine)
+
+
+def test_failed_save_removes_only_its_own_temporary_directory(tmp_path, mesh, monkeypatch):
+  ckpt, state = _checkpointer_at(tmp_path / "exp", mesh, 1, 1.0)
+  ckpt.save("latest")
+  series = tmp_path / "exp" / "latest"
+  # Another writer's save in progress (a later step) and an older crash of this step number.
+  foreign = series / "7.orbax-checkpoint-tmp-1700000000"
+  foreign.mkdir()
+  with monkeypatch.context() as patch:
+    _disk_full(patch, tmp_path)
+    state.global_step = 2
+    with pytest.raises(ck.CheckpointError,
+                       match=r"this save's temporary files were removed, the complete "
+                             r"checkpoints there are \[1\]"):
+      ckpt.save("latest")
+  assert sorted(os.listdir(series)) == ["1", foreign.name]
+  ckpt.close()
+
+
+def test_run_metadata_is_stored_and_check_resume_can_refuse(tmp_path, mesh):
+  seen = []
+  ckpt = ck.OrbaxCheckpointer(tmp_path, max_to_keep=2, run_metadata={"config": {"a": (1, 2)}})
+  state = ckpt.get_experiment_state("latest")
+  state.global_step = 1
+  state.experiment_module = _DummyExperiment(mesh, 1.0)
+  ckpt.save("latest")
+  ckpt.close()
+
+  def refuse(stored, where):
+    seen.append((stored, where))
+    raise ck.ResumeRefused("no")
+  resumed = ck.OrbaxCheckpointer(tmp_path, max_to_keep=2, check_resume=refuse)
+  state = resumed.get_experiment_state("latest")
+  state.global_step = 0
+  state.experiment_module = _DummyExperiment(mesh, 0.0)
+  with pytest.raises(ck.ResumeRefused):
+    resumed.restore("latest")
+  assert seen == [({"config": {"a": [1, 2]}}, f"{tmp_path}/latest/1")]
+  assert state.global_step == 0
+  resumed.close()
+
+
+def test_shape_mismatch_names_the_leaf_and_is_not_taken_for_damage(tmp_path, mesh):
+  ckpt, _ = _checkpointer_at(tmp_path, mesh, 1, 1.0)
+  ckpt.save("latest")
+  ckpt.close()
+  resumed, state = _checkpointer_at(tmp_path, mesh, 0, 0.0)
+  state.experiment_module.params = jnp.zeros((16, 2), jnp.float32)
+  with pytest.raises(ck.ResumeRefused,
+                     match=r"1 array\(s\) of the saved state have another shape .*\n"
+                           r"  \['params'\]: saved \(8, 2\), this run \(16, 2\)"):
+    resumed.restore("latest")
+  resumed.close()
