@@ -25,7 +25,7 @@ sampler): weighted kNN top-1 (k=20, test) 80.2 ± 0.3 %, (k=200) 75.8 ± 0.3 %; 
 comparison with ReLIC-only and a supervised baseline (where SemPPL does not win at this budget)
 is BENCHMARKS.md's "Study".
 
-Settings chosen on validation (BENCHMARKS.md, "Study", ablations): k = 1 (DESIGN.md §2). An
+Settings chosen on validation (BENCHMARKS.md, "Study", ablations): k = 1 (docs/design.md §2). An
 earlier session had picked k = 5 from test-set numbers; on the validation split (1 % labels,
 3 seeds, paired by seed) k = 1 fine-tunes 3.7 ± 1.7 points better than k = 5 with the same kNN
 (-0.1 ± 0.5). The ablation switches stay off: none beat the default by more than its spread.
@@ -93,14 +93,14 @@ def get_experiment_config(training_steps):
       ),
       queue=dict(size=2560),
       semppl=dict(
-          knn_k=1,  # DESIGN.md §2; chosen over 5 on validation (BENCHMARKS.md, Study).
+          knn_k=1,  # docs/design.md §2; chosen over 5 on validation (BENCHMARKS.md, Study).
           num_semantic_positives=3,
           temperature=0.2,
           contrastive_weight=0.3,
           semantic_weight=0.2,
           invariance_weight=5.0,
           num_negatives=0,
-          # Ablation switches (semppl_jax.train.LossConfig); False / 0 = DESIGN.md §2 as written.
+          # Ablation switches (train.LossConfig); False / 0 = docs/design.md §2 as written.
           mask_same_class_negatives=False,  # own-class rows out of the semantic negatives
           semantic_ramp_steps=0,            # > 0: semantic terms x min(1, step / this)
           bn_stats_from_large_views_only=False,

@@ -324,9 +324,9 @@ def semppl_loss(
     mask_same_class_negatives: bool = False,
     semantic_scale=1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The SemPPL objective ``c·(L_augm + s·α·L_sem) + λ·(I_augm + s·I_sem)`` (DESIGN.md §2).
+  """The SemPPL objective (docs/design.md §2): ``c·(L_augm + s·α·L_sem) + λ·(I_augm + s·I_sem)``.
 
-  ``s`` is ``semantic_scale`` (1 by default: DESIGN.md §2's objective exactly).
+  ``s`` is ``semantic_scale`` (1 by default: docs/design.md §2's objective exactly).
 
   Every input is l2-normalised here (idempotent); ``target`` and ``semantic`` are
   stop-gradient, so gradients reach only ``online``. The averaging conventions are in the
@@ -356,7 +356,7 @@ def semppl_loss(
       other row m with ``semantic_labels[m] == semantic_labels[i]``: their semantic positives
       carry the anchor's own (pseudo-)class (and may be the very queue entry drawn as row i's
       positive), so contrasting against them pushes the class apart. Off by default
-      (DESIGN.md §2 as written: all other rows are negatives). The augmentation term is
+      (docs/design.md §2 as written: all other rows are negatives). The augmentation term is
       unchanged.
     semantic_scale: scalar >= 0 (python or traced) multiplying both semantic terms, e.g. a
       ramp of the semantic weight over training; 1 = off.

@@ -35,7 +35,7 @@ FALLBACK_CENTRAL_FRACTION = 0.875
 
 
 class MultiCrop(NamedTuple):
-  """The host-side crops of each training image (DESIGN.md §2, Views).
+  """The host-side crops of each training image (docs/design.md §2, Views).
 
   Attributes:
     num_large: L >= 1 large views per image.

@@ -1,6 +1,6 @@
 """Tests for the SemPPL ablation switches of semppl_jax.train.LossConfig and their config wiring.
 
-Each switch defaults to DESIGN.md §2 as written; the tests check what each one changes in
+Each switch defaults to docs/design.md §2 as written; the tests check what each one changes in
 ``train.objective_loss`` on a tiny configuration (tiny ResNet, 12 px / 8 px views, batch 4 + 4).
 """
 import jax
@@ -124,7 +124,7 @@ def test_experiment_config_wiring():
   c.semppl.mask_same_class_negatives = 1
   with pytest.raises(ValueError, match="config.semppl.mask_same_class_negatives"):
     experiment.validate_config(c, num_devices=8)
-  # Configs without the switches run DESIGN.md §2 as written.
+  # Configs without the switches run docs/design.md §2 as written.
   d = fashion_mnist.get_experiment_config(100)
   d.optimizer.warmup_steps = 10
   for field in ("mask_same_class_negatives", "semantic_ramp_steps",
