@@ -336,6 +336,7 @@ def test_knn_with_zero_steps_through_jaxline(tmp_path, jaxline_flags, capsys):
     assert results[f"knn_top1_k{k}"] == pytest.approx(ref, abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_launcher_runs_knn_on_a_pretraining_checkpoint(tmp_path, pretrain_dir):
   """experiments/launch.py with the Fashion-MNIST eval config and command-line overrides."""
   prefix = "--config.experiment_kwargs.config."

@@ -32,6 +32,7 @@ def _check_trained_and_evaluated(stdout, run_dir, steps):
   assert os.listdir(os.path.join(run_dir, "train"))  # TensorBoard event files.
 
 
+@pytest.mark.e2e
 def test_launcher_on_8_devices_trains_evaluates_and_checkpoints(tmp_path):
   stdout = _launch(tmp_path, 8)
   _check_trained_and_evaluated(stdout, tmp_path, 4)

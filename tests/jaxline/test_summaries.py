@@ -242,6 +242,7 @@ def _events(directory):
   return found
 
 
+@pytest.mark.e2e
 def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", SEMPPL_TEST_RUN_DIR=str(tmp_path))
