@@ -17,8 +17,6 @@ from experiments import eval_imagenet  # noqa: E402
 from experiments import imagenet_r50  # noqa: E402
 from experiments import imagenet_r50_10pct  # noqa: E402
 from experiments import imagenet_r50_1pct  # noqa: E402
-from semppl_jax.jaxline import eval_experiment  # noqa: E402
-from semppl_jax.jaxline import experiment  # noqa: E402
 from semppl_jax.jaxline import experiment_config  # noqa: E402
 
 ALLOWED_SOURCES = {"paper", "ReLICv2", "BYOL", "our choice"}
@@ -61,7 +59,7 @@ def test_imagenet_pretrain_configs_match_their_provenance(module, percent):
   assert config.training_steps == c.training_steps == imagenet_r50.EPOCHS * (
       imagenet_r50.STEPS_PER_EPOCH)
   assert config.checkpoint_dir == f"runs/imagenet_r50_{percent}pct"
-  experiment.validate_config(c, num_devices=8)
+  experiment_config.validate_pretrain_config(c, num_devices=8)
 
 
 def test_imagenet_runs_design_k_not_the_demo_k():
@@ -97,4 +95,4 @@ def test_imagenet_eval_config_matches_its_provenance():
   required = experiment_config._EVAL_FIELDS  # pylint: disable=protected-access
   assert sorted(flatten(c)) == sorted(required)
   c.checkpoint.path = "/ckpts/semppl_r50_1pct.pkl"
-  eval_experiment.validate_config(c, num_devices=8)
+  experiment_config.validate_eval_config(c, num_devices=8)

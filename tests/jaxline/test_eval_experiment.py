@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from semppl_jax import checkpointing as ck
-from semppl_jax import encoder_sources
+from semppl_jax import encoders
 from semppl_jax.jaxline import eval_experiment as ev
 from semppl_jax.jaxline import compat as jaxline_compat
+from semppl_jax.jaxline import experiment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -363,19 +364,19 @@ def test_launcher_runs_knn_on_a_pretraining_checkpoint(tmp_path, pretrain_dir):
 
 
 def test_load_pretrain_encoder_takes_encoder_modules_of_newest(pretrain_dir, encoder):
-  params, state, step = encoder_sources.load_pretrain_encoder(pretrain_dir)
+  params, state, step = encoders.load_pretrain_encoder(pretrain_dir)
   assert step == 123
   _assert_trees_equal(params, encoder[0])
   _assert_trees_equal(state, encoder[1])
   # A series directory or a single checkpoint directory work too.
-  p2, _, _ = encoder_sources.load_pretrain_encoder(os.path.join(pretrain_dir, "latest"))
+  p2, _, _ = encoders.load_pretrain_encoder(os.path.join(pretrain_dir, "latest"))
   _assert_trees_equal(p2, encoder[0])
 
 
 def test_encoder_modules_drops_heads():
   tree = {"tiny_res_net/~/initial_conv": 1, "projector/linear": 2, "predictor/linear_1": 3,
           "classifier": 4, "classifier_probe/linear": 5}
-  assert encoder_sources.encoder_modules(tree) == {"tiny_res_net/~/initial_conv": 1}
+  assert encoders.encoder_modules(tree) == {"tiny_res_net/~/initial_conv": 1}
 
 
 def test_mismatched_release_architecture_lists_differences(release_pkl):
@@ -405,12 +406,12 @@ def test_mismatched_pretrain_architecture_lists_differences(pretrain_dir):
 
 
 def test_missing_checkpoint_paths_raise(tmp_path):
-  with pytest.raises(ck.CheckpointError, match="config.checkpoint.path"):
-    encoder_sources.load_pretrain_encoder(str(tmp_path / "nope"))
+  with pytest.raises(ck.CheckpointError, match="is not a directory"):
+    encoders.load_pretrain_encoder(str(tmp_path / "nope"))
   with pytest.raises(ck.CheckpointError, match="no complete checkpoint"):
-    encoder_sources.load_pretrain_encoder(str(tmp_path))
+    encoders.load_pretrain_encoder(str(tmp_path))
   config = _tiny_config("knn", 0, source="release", path=str(tmp_path / "missing.pkl"))
-  with pytest.raises(ck.CheckpointError, match="does not exist"):
+  with pytest.raises(ck.CheckpointError, match="config.checkpoint.path: .* does not exist"):
     ev.EvalExperiment("train", jax.random.PRNGKey(0), config)
 
 
@@ -454,7 +455,7 @@ def test_bad_config_values_raise_naming_the_field(field, value, expected):
   config = _tiny_config("linear", 2, source="release", path="x.pkl")
   _set(config, field, value)
   with pytest.raises(ValueError) as info:
-    ev.validate_config(config, num_devices=8)
+    experiment_config.validate_eval_config(config, num_devices=8)
   assert str(info.value).startswith(f"config.{field}: ")
   assert expected in str(info.value)
 
@@ -465,7 +466,7 @@ def test_missing_fields_are_listed_and_constructor_validates_first():
   del config["augmentation"]
   with pytest.raises(ValueError, match=r"missing the field\(s\) augmentation\.crop_size, "
                      r"augmentation\.crop_scale, augmentation\.flip, evaluation\.knn_ks"):
-    ev.validate_config(config, num_devices=8)
+    experiment_config.validate_eval_config(config, num_devices=8)
   config = _tiny_config("knn", 0)
   config.protocol = "probe"
   with pytest.raises(ValueError, match="config.protocol: got 'probe'"):
@@ -475,23 +476,23 @@ def test_missing_fields_are_listed_and_constructor_validates_first():
 def test_config_files_validate_and_keep_protocols_apart():
   config = eval_fashion_mnist.get_config()
   assert config.experiment_class == "eval"
-  ev.validate_config(config.experiment_kwargs.config, num_devices=8)
+  experiment_config.validate_eval_config(config.experiment_kwargs.config, num_devices=8)
   assert config.checkpoint_dir == "runs/fashion_mnist_eval_fine_tune"
   config.experiment_kwargs.config.protocol = "linear"
   assert config.checkpoint_dir == "runs/fashion_mnist_eval_linear"
   config.training_steps = 0
   assert config.experiment_kwargs.config.training_steps == 0
   config.experiment_kwargs.config.protocol = "knn"
-  ev.validate_config(config.experiment_kwargs.config, num_devices=8)
+  experiment_config.validate_eval_config(config.experiment_kwargs.config, num_devices=8)
 
   config = eval_imagenet.get_config()
   c = config.experiment_kwargs.config
   assert (c.network.encoder, c.network.width_multiplier, c.augmentation.crop_size) == (
       "resnet50", 1, 224)
   with pytest.raises(ValueError, match="config.checkpoint.path: is required"):
-    ev.validate_config(c, num_devices=8)
+    experiment_config.validate_eval_config(c, num_devices=8)
   c.checkpoint.path = "/ckpts/semppl_r50_1pct.pkl"
-  ev.validate_config(c, num_devices=8)
+  experiment_config.validate_eval_config(c, num_devices=8)
   c.data.label_percent = 10
-  ev.validate_config(c, num_devices=8)
+  experiment_config.validate_eval_config(c, num_devices=8)
   assert "68.5" in eval_imagenet.__doc__ and "76.0" in eval_imagenet.__doc__

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from semppl_jax.jaxline import experiment
+from semppl_jax.jaxline import experiment_config
 
 from launch_util import ROOT
 from launch_util import final_module_state as _final_module_state
@@ -84,11 +85,11 @@ def test_config_validation_names_field_and_allowed_values(field, value, message)
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=message):
-    experiment.validate_config(config, num_devices=8)
+    experiment_config.validate_pretrain_config(config, num_devices=8)
 
 
 def test_valid_tiny_config_passes_validation():
-  experiment.validate_config(_config(), num_devices=8)
+  experiment_config.validate_pretrain_config(_config(), num_devices=8)
 
 
 def test_labels_outside_num_classes_are_rejected():

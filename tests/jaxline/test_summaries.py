@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semppl_jax.jaxline import experiment
+from semppl_jax.jaxline import experiment_config
 from semppl_jax import knn
 from semppl_jax import losses
 from semppl_jax import queue as queue_lib
@@ -129,7 +129,7 @@ def test_window_means_averages_device_scalars():
 
 def _tiny_train_config(num_labelled, num_unlabelled):
   c = tiny_fashion_mnist.get_config().experiment_kwargs.config
-  return summaries.summary_config(experiment.train_config(c, 1), num_labelled, num_unlabelled)
+  return summaries.summary_config(experiment_config.train_config(c, 1), num_labelled, num_unlabelled)
 
 
 def test_semantic_positives_recomputes_views_pseudo_labels_and_positives():
@@ -223,7 +223,7 @@ def test_new_config_fields_are_validated(field, value, message):
   with config.ignore_type():
     config[section][name] = value
   with pytest.raises(ValueError, match=message):
-    experiment.validate_config(config, num_devices=8)
+    experiment_config.validate_pretrain_config(config, num_devices=8)
 
 
 # ----------------------------------------------------------------------------------------------
