@@ -130,12 +130,39 @@ def get_experiment_config(training_steps):
   ))
 
 
-def get_config():
-  """The jaxline launch config."""
+def get_config(arg=None):
+  """The jaxline launch config; ``get_config('tiny')`` (``--config=...fashion_mnist.py:tiny``)
+  is the same experiment shrunk to seconds: the tests' and benchmarks' smoke-test size."""
+  if arg not in (None, "", "tiny"):
+    raise ValueError(f"get_config: got {arg!r}, allowed: 'tiny' or nothing")
   steps = config_dict.FieldReference(1000)
   c = get_experiment_config(steps)
   c.evaluation.every_steps = 200   # Measured cost: ~1 % of the demo's training time.
   c.summaries.images_every_steps = 100
-  return launch_config.launch_config(
+  config = launch_config.launch_config(
       experiment_class="pretrain", training_steps=steps, checkpoint_dir="runs/fashion_mnist",
       experiment_config=c, log_interval=25, save_interval=200)
+  if arg == "tiny":
+    _shrink(config)
+  return config
+
+
+def _shrink(config):
+  """Tiny ResNet on 16 / 8 px views, 8 + 8 images (multiples of 8 fake devices), 4 steps,
+  evaluation on the first 512 test images; periodic evaluation, image summaries and plots off;
+  a checkpoint and a log line every step."""
+  c = config.experiment_kwargs.config
+  config.training_steps = 4  # A shared reference: c.training_steps follows.
+  config.checkpoint_dir = "runs/fashion_mnist_tiny"
+  config.save_checkpoint_interval = 1
+  config.log_train_data_interval = 1
+  config.log_tensors_interval = 1
+  c.data.update(dict(label_percent=1, labelled_batch_size=8, unlabelled_batch_size=8))
+  c.views.update(dict(num_large=2, num_small=1, large_size=16, small_size=8))
+  c.network.update(dict(projector_hidden_size=32, projection_size=16, predictor_hidden_size=32))
+  c.queue.size = 64
+  c.optimizer.warmup_steps = 1
+  c.evaluation.update(dict(batch_size=256, knn_ks=(5,), max_examples=512, every_steps=0,
+                           subset=256))
+  c.summaries.update(dict(images_every_steps=0, num_images=4, plots=False))
+  c.log_every_steps = 1

@@ -137,6 +137,35 @@ def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experime
   np.testing.assert_allclose(sum(accuracies), 1.0, rtol=1e-6)
 
 
+def test_run_trains_and_reports_window_means_and_train_state_round_trips(tiny_experiment):
+  """The public loop (``run``) and state (``train_state``) scripts use instead of privates."""
+  exp = tiny_experiment
+  logs = []
+  last = exp.run(6, on_log=lambda done, means: logs.append((done, means)), start=3, log_every=2)
+  assert [done for done, _ in logs] == [4, 6]
+  assert last == logs[-1][1] and np.isfinite(last["loss"]) and "queue_fill" in last
+  saved = jax.device_get(exp.train_state)
+  assert exp.run(6, start=6) == {}  # Nothing left to run.
+  exp.run(7, start=6)
+  exp.train_state = saved  # Placed again, with the experiment's shardings.
+  placed = exp.train_state
+  assert placed.queue.labels.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+  for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(placed)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_tiny_option_of_the_demo_config():
+  from experiments import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config("tiny")
+  c = config.experiment_kwargs.config
+  assert config.training_steps == c.training_steps == 4  # One shared reference.
+  assert c.data.labelled_batch_size == 8 and c.views.large_size == 16 and c.queue.size == 64
+  experiment_config.validate_pretrain_config(c, num_devices=8)
+  assert fashion_mnist.get_config().training_steps == 1000  # The demo is untouched.
+  with pytest.raises(ValueError, match="allowed: 'tiny'"):
+    fashion_mnist.get_config("huge")
+
+
 def test_imagenet_data_path_trains_and_evaluates_on_mock_data():
   """The experiment's ImageNet branch (tf.data batches, tfds eval splits) on tfds mock data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
