@@ -62,6 +62,7 @@ def test_defaults_are_design_as_written():
           c.bn_stats_from_large_views_only) == (False, 0, False)
 
 
+@pytest.mark.slow
 def test_semantic_ramp_scales_the_semantic_terms_by_step(state):
   plain_loss, plain = _loss(_config(), state)
   assert float(plain.metrics["semantic_scale"]) == 1.0

@@ -235,6 +235,7 @@ def linear_run(tmp_path_factory, pretrain_dir, jaxline_flags):
   return first, first_train_state, out.getvalue(), second, out2.getvalue()
 
 
+@pytest.mark.slow
 def test_linear_end_to_end_reports_named_metric(linear_run):
   first, _, out, _, _ = linear_run
   lines = _eval_lines(out, "linear")
@@ -246,6 +247,7 @@ def test_linear_end_to_end_reports_named_metric(linear_run):
   assert first.global_step == 2
 
 
+@pytest.mark.slow
 def test_linear_keeps_encoder_params_and_bn_state_exactly(linear_run, encoder):
   _, state, _, _, _ = linear_run
   _assert_trees_equal(state["encoder_params"], encoder[0])
@@ -253,6 +255,7 @@ def test_linear_keeps_encoder_params_and_bn_state_exactly(linear_run, encoder):
   assert "encoder" not in state["opt_state"]
 
 
+@pytest.mark.slow
 def test_linear_metric_matches_numpy_reference(linear_run):
   first, state, _, _, _ = linear_run
   experiment = first.experiment_module
@@ -268,6 +271,7 @@ def test_linear_metric_matches_numpy_reference(linear_run):
   assert mask.sum() == NUM_TEST
 
 
+@pytest.mark.slow
 def test_linear_resumes_from_its_checkpoint(linear_run):
   _, first_state, _, second, out2 = linear_run
   # The second launch restored step 2 and only evaluated: no training line, same head.
@@ -312,6 +316,7 @@ def test_fine_tune_changes_encoder_and_resumes_exactly(fine_tune, encoder):
   assert 0.0 <= results["fine_tune_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_knn_with_zero_steps_through_jaxline(tmp_path, jaxline_flags, capsys):
   config = _tiny_config("knn", 0)
   state = _run_jaxline(config, str(tmp_path), 0)

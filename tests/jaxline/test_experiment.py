@@ -106,6 +106,7 @@ def tiny_experiment():
   return experiment.Experiment("train", jax.random.PRNGKey(0), config)
 
 
+@pytest.mark.slow
 def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experiment):
   exp = tiny_experiment
   for step in range(3):  # Fill the queues so that pseudo-labels exist.
@@ -137,6 +138,7 @@ def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experime
   np.testing.assert_allclose(sum(accuracies), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_run_trains_and_reports_window_means_and_train_state_round_trips(tiny_experiment):
   """The public loop (``run``) and state (``train_state``) scripts use instead of privates."""
   exp = tiny_experiment
@@ -166,6 +168,7 @@ def test_tiny_option_of_the_demo_config():
     fashion_mnist.get_config("huge")
 
 
+@pytest.mark.slow
 def test_imagenet_data_path_trains_and_evaluates_on_mock_data():
   """The experiment's ImageNet branch (tf.data batches, tfds eval splits) on tfds mock data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

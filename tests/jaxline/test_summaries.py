@@ -132,6 +132,7 @@ def _tiny_train_config(num_labelled, num_unlabelled):
   return summaries.summary_config(experiment_config.train_config(c, 1), num_labelled, num_unlabelled)
 
 
+@pytest.mark.slow
 def test_semantic_positives_recomputes_views_pseudo_labels_and_positives():
   nl, nu = 6, 4
   config = _tiny_train_config(nl, nu)
