@@ -3,7 +3,7 @@
 Usage:
   .venv/bin/python experiments/bench_hostile_files.py [--scale=1.0]
 
-The corpus (tests/checkpointing/hostile_files.py) holds the attacks the release loader must
+The corpus (experiments/hostile_files.py) holds the attacks the release loader must
 refuse: declared lengths far beyond the file (a 12-byte file declaring a 6 GiB bytearray),
 nesting 2,000 to 1,000,000 deep, a million-field namedtuple, a 50 MB key, terminal escapes in
 a global's name ... Each file is loaded with ``checkpointing.load_released_checkpoint`` in a
@@ -45,8 +45,8 @@ def main():
   parser.add_argument("--scale", type=float, default=1.0,
                       help="size factor of the corpus (1.0: the sizes in the names)")
   args = parser.parse_args()
-  sys.path.insert(0, os.path.join(ROOT, "tests", "checkpointing"))
-  import hostile_files  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from experiments import hostile_files  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   print(f"{'file':42s} {'size':>12s} {'result':>9s} {'wall':>8s} {'tracemalloc':>12s} "
         f"{'peak RSS':>10s} {'msg len':>8s}")

@@ -85,7 +85,7 @@ def on_accelerator() -> bool:
 def demo_config(tiny: bool):
   """(experiment config, TrainConfig) of experiments/fashion_mnist.py (shrunk with tiny)."""
   from experiments import fashion_mnist  # pylint: disable=g-import-not-at-top
-  from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment_config  # pylint: disable=g-import-not-at-top
   c = fashion_mnist.get_config().experiment_kwargs.config
   if tiny:
     c.data.update(dict(labelled_batch_size=8, unlabelled_batch_size=8, label_percent=1))
@@ -93,7 +93,7 @@ def demo_config(tiny: bool):
     c.network.update(dict(projector_hidden_size=32, projection_size=16,
                           predictor_hidden_size=32))
     c.queue.size = 64
-  return c, experiment.train_config(c, num_shards=1)
+  return c, experiment_config.train_config(c, num_shards=1)
 
 
 def r50_config(objective: str, labelled: int, unlabelled: int, dtype: str, remat: str,
@@ -101,12 +101,12 @@ def r50_config(objective: str, labelled: int, unlabelled: int, dtype: str, remat
   """TrainConfig of the ImageNet config (experiments/imagenet_r50.py) at a per-device batch."""
   _, _, train = _imports()
   from experiments import imagenet_r50  # pylint: disable=g-import-not-at-top
-  from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import experiment_config  # pylint: disable=g-import-not-at-top
   c = imagenet_r50.get_config(10).experiment_kwargs.config
   c.objective = objective
   c.data.update(dict(labelled_batch_size=labelled, unlabelled_batch_size=unlabelled))
   c.network.update(dict(compute_dtype=dtype, remat=remat))
-  config = experiment.train_config(c, num_shards=1)
+  config = experiment_config.train_config(c, num_shards=1)
   if tiny:  # A tiny encoder on 16 / 8 px views: the same layout, seconds to compile.
     config = dataclasses.replace(
         config, queue_size=64,

@@ -25,7 +25,7 @@ sampler): weighted kNN top-1 (k=20, test) 80.2 ± 0.3 %, (k=200) 75.8 ± 0.3 %; 
 comparison with ReLIC-only and a supervised baseline (where SemPPL does not win at this budget)
 is BENCHMARKS.md's "Study".
 
-Settings chosen on validation (BENCHMARKS.md, "Study", ablations): k = 1 (DESIGN.md §2). An
+Settings chosen on validation (BENCHMARKS.md, "Study", ablations): k = 1 (docs/design.md §2). An
 earlier session had picked k = 5 from test-set numbers; on the validation split (1 % labels,
 3 seeds, paired by seed) k = 1 fine-tunes 3.7 ± 1.7 points better than k = 5 with the same kNN
 (-0.1 ± 0.5). The ablation switches stay off: none beat the default by more than its spread.
@@ -106,14 +106,14 @@ def get_experiment_config(training_steps):
       ),
       queue=dict(size=2560),
       semppl=dict(
-          knn_k=1,  # DESIGN.md §2; chosen over 5 on validation (BENCHMARKS.md, Study).
+          knn_k=1,  # docs/design.md §2; chosen over 5 on validation (BENCHMARKS.md, Study).
           num_semantic_positives=3,
           temperature=0.2,
           contrastive_weight=0.3,
           semantic_weight=0.2,
           invariance_weight=5.0,
           num_negatives=0,
-          # Ablation switches (semppl_jax.train.LossConfig); False / 0 = DESIGN.md §2 as written.
+          # Ablation switches (train.LossConfig); False / 0 = docs/design.md §2 as written.
           mask_same_class_negatives=False,  # own-class rows out of the semantic negatives
           semantic_ramp_steps=0,            # > 0: semantic terms x min(1, step / this)
           bn_stats_from_large_views_only=False,
@@ -151,12 +151,14 @@ def get_experiment_config(training_steps):
   ))
 
 
-PRESETS = ("", "smoke")
+PRESETS = ("", "smoke", "tiny")
 
 
 def get_config(preset: str = ""):
-  """The jaxline launch config; ``preset='smoke'`` (``--config=...fashion_mnist.py:smoke``) is a
-  quick check that everything works end to end (see the module docstring), not a result."""
+  """The jaxline launch config. ``preset='smoke'`` (``--config=...fashion_mnist.py:smoke``) is a
+  quick check that everything works end to end (see the module docstring), not a result;
+  ``'tiny'`` is the same experiment shrunk to seconds: the tests' and benchmarks' size."""
+  preset = preset or ""
   if preset not in PRESETS:
     raise ValueError(f"--config=...fashion_mnist.py:{preset}: unknown preset; known: "
                      f"{', '.join(repr(p) for p in PRESETS)} ('' is the demo).")
@@ -177,4 +179,27 @@ def get_config(preset: str = ""):
     c.log_every_steps = 10
     c.evaluation.every_steps = 30
     c.summaries.images_every_steps = 30
+  if preset == "tiny":
+    _shrink(config)
   return config
+
+
+def _shrink(config):
+  """Tiny ResNet on 16 / 8 px views, 8 + 8 images (multiples of 8 fake devices), 4 steps,
+  evaluation on the first 512 test images; periodic evaluation, image summaries and plots off;
+  a checkpoint and a log line every step."""
+  c = config.experiment_kwargs.config
+  config.training_steps = 4  # A shared reference: c.training_steps follows.
+  config.checkpoint_dir = "runs/fashion_mnist_tiny"
+  config.save_checkpoint_interval = 1
+  config.log_train_data_interval = 1
+  config.log_tensors_interval = 1
+  c.data.update(dict(label_percent=1, labelled_batch_size=8, unlabelled_batch_size=8))
+  c.views.update(dict(num_large=2, num_small=1, large_size=16, small_size=8))
+  c.network.update(dict(projector_hidden_size=32, projection_size=16, predictor_hidden_size=32))
+  c.queue.size = 64
+  c.optimizer.warmup_steps = 1
+  c.evaluation.update(dict(batch_size=256, knn_ks=(5,), max_examples=512, every_steps=0,
+                           subset=256))
+  c.summaries.update(dict(images_every_steps=0, num_images=4, plots=False))
+  c.log_every_steps = 1

@@ -7,9 +7,9 @@ Fashion-MNIST demo, whose values are tuned for 28 px images on a CPU) and listed
 * ``paper``: SemPPL (Bošnjak et al., ICLR 2023) states it;
 * ``ReLICv2``: the ReLICv2 recipe SemPPL builds on (multi-crop views, loss weights);
 * ``BYOL``: the BYOL recipe shared by that lineage (augmentations, heads, LARS, target EMA);
-* ``our choice``: set by us, with the reason. DESIGN.md §2's k = 1, 3 semantic positives and
-  α = 0.2 come from a third-party re-implementation because the paper's own values could not
-  be read; they are listed as ``our choice`` for that reason.
+* ``our choice``: set by us, with the reason. The k = 1, 3 semantic positives and α = 0.2
+  of docs/design.md §2 come from a third-party re-implementation because the paper's own
+  values could not be read (§8); they are listed as ``our choice`` for that reason.
 
 ``tests/test_configs.py`` checks that the config and the table agree field by field.
 
@@ -42,7 +42,7 @@ SOURCES = ("paper", "ReLICv2", "BYOL", "our choice")
 # One row per config field: (dotted path in experiment_kwargs.config, value, source, why).
 Field = collections.namedtuple("Field", "path value source note")
 
-_NOT_READ = "the paper's value could not be read (DESIGN.md §2)"
+_NOT_READ = "the paper's value could not be read (docs/design.md §8)"
 
 
 def provenance(label_percent: int) -> Tuple[Field, ...]:
@@ -59,7 +59,7 @@ def provenance(label_percent: int) -> Tuple[Field, ...]:
       Field("data.num_classes", 1000, "paper", "ImageNet-1k"),
       Field("data.image_size", 224, "BYOL", "224 px large views"),
       Field("data.labelled_batch_size", LABELLED_BATCH_SIZE, "our choice",
-            "a fixed labelled share of 1/8 of the batch (DESIGN.md §2); " + _NOT_READ),
+            "a fixed labelled share of 1/8 of the batch (docs/design.md §2); " + _NOT_READ),
       Field("data.unlabelled_batch_size", BATCH_SIZE - LABELLED_BATCH_SIZE, "our choice",
             "the rest of BYOL's 4096-image batch"),
       Field("data.seed", 0, "our choice", "data order"),
@@ -92,27 +92,27 @@ def provenance(label_percent: int) -> Tuple[Field, ...]:
       Field("network.projection_size", 256, "BYOL", "projector / predictor output"),
       Field("network.predictor_hidden_size", 4096, "BYOL", "predictor MLP"),
       Field("queue.size", 16384, "our choice",
-            "32x the 512 labelled items per step (DESIGN.md §2: 20-40x); " + _NOT_READ),
+            "32x the 512 labelled items per step (docs/design.md §2: 20-40x); " + _NOT_READ),
       Field("semppl.knn_k", 1, "our choice",
-            "DESIGN.md §2 default from a third-party re-implementation; " + _NOT_READ),
+            "docs/design.md §8: default from a third-party re-implementation; " + _NOT_READ),
       Field("semppl.num_semantic_positives", 3, "our choice",
-            "DESIGN.md §2 default from a third-party re-implementation; " + _NOT_READ),
+            "docs/design.md §8: default from a third-party re-implementation; " + _NOT_READ),
       Field("semppl.temperature", 0.2, "ReLICv2", "contrastive temperature; " + _NOT_READ),
       Field("semppl.contrastive_weight", 0.3, "ReLICv2",
             "c, contrastive weight; " + _NOT_READ),
       Field("semppl.semantic_weight", 0.2, "our choice",
-            "α, DESIGN.md §2 default from a third-party re-implementation; " + _NOT_READ),
+            "α, docs/design.md §8: default from a third-party re-implementation; " + _NOT_READ),
       Field("semppl.invariance_weight", 5.0, "ReLICv2", "λ, invariance weight; " + _NOT_READ),
       Field("semppl.num_negatives", 0, "our choice", "0 = every other image of the batch"),
       Field("semppl.mask_same_class_negatives", False, "our choice",
-            "DESIGN.md §2 as written (ablation switch; see BENCHMARKS.md, Study)"),
+            "docs/design.md §2 as written (ablation switch; see BENCHMARKS.md, Study)"),
       Field("semppl.semantic_ramp_steps", 0, "our choice",
             "no ramp of α (ablation switch; see BENCHMARKS.md, Study)"),
       Field("semppl.bn_stats_from_large_views_only", False, "our choice",
             "small views update BatchNorm statistics too (ablation switch)"),
       Field("optimizer.base_learning_rate", 0.3, "BYOL", "LARS, x batch / 256"),
       Field("optimizer.weight_decay", 1e-6, "our choice",
-            "DESIGN.md §2 (BYOL uses 1.5e-6)"),
+            "docs/design.md §2 (BYOL uses 1.5e-6)"),
       Field("optimizer.momentum", 0.9, "BYOL", "LARS momentum"),
       Field("optimizer.trust_coefficient", 1e-3, "BYOL", "LARS trust coefficient"),
       Field("optimizer.warmup_steps", 10 * STEPS_PER_EPOCH, "BYOL", "10 warm-up epochs"),

@@ -11,7 +11,7 @@ configs are exercised at small scale by the tests through the same code path).
 
 Expected numbers: the paper reports 68.5 % ImageNet top-1 for ResNet-50 after fine-tuning on the
 1 % labelled subset (evaluate with experiments/eval_imagenet.py, protocol fine_tune). Our
-hyper-parameters follow DESIGN.md §2 (a third-party re-implementation and the ReLICv2/BYOL
+hyper-parameters follow docs/design.md §2 (a third-party re-implementation and the ReLICv2/BYOL
 lineage); the paper's exact values could not be read, so treat them as a starting point.
 """
 import os

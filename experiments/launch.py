@@ -65,6 +65,7 @@ from experiments import launch_config  # pylint: disable=g-import-not-at-top
 from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
 from semppl_jax.checkpointing import run_lock  # pylint: disable=g-import-not-at-top
+from semppl_jax.jaxline import experiment_config  # pylint: disable=g-import-not-at-top
 from semppl_jax.jaxline import mesh_experiment  # pylint: disable=g-import-not-at-top
 from semppl_jax.jaxline import run_config  # pylint: disable=g-import-not-at-top
 
@@ -343,10 +344,11 @@ def main(argv):
       lock = lock_run_directory(config)
     experiment_class = experiment_class_for(config.experiment_class)
     # Check the config before jaxline starts: nothing is created or compiled for a bad one.
-    experiment_module = sys.modules[experiment_class.__module__]
-    experiment_module.validate_config(config.experiment_kwargs.config,
-                                      num_devices=jax.device_count(),
-                                      num_processes=jax.process_count())
+    validate = (experiment_config.validate_pretrain_config
+                if config.experiment_class == "pretrain" else
+                experiment_config.validate_eval_config)
+    validate(config.experiment_kwargs.config, num_devices=jax.device_count(),
+             num_processes=jax.process_count())
     if jax.process_index() == 0:
       if note:
         print(note, flush=True)

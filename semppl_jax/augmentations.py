@@ -20,7 +20,7 @@ view presets and the view chains. The photometric operations (``color_jitter``,
 i.e. ``tf.image``'s, computed with ``dm_pix``) live in :mod:`semppl_jax.photometric` and are
 re-exported here, so ``augmentations.color_jitter`` etc. keep working.
 
-The chain for one view (DESIGN.md §2) is ``random_resized_crop`` followed by
+The chain for one view (docs/design.md §2) is ``random_resized_crop`` followed by
 ``augment_view`` = flip → colour jitter → grayscale → blur → solarize, with the two BYOL
 presets ``BYOL_VIEW_1`` / ``BYOL_VIEW_2``. ``photometric_views`` runs that chain on views that
 are already cropped (e.g. by a host input pipeline); ``multi_crop`` crops all large and small
@@ -339,7 +339,7 @@ def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
   ``jax.random.fold_in(photo_key, 1)``). So within each group the presets alternate: large view
   ``i`` and small view ``j`` use ``presets[i % P]`` and ``presets[j % P]`` (default:
   ``BYOL_VIEW_1`` for even, ``BYOL_VIEW_2`` for odd). Both groups crop with aspect ratio in
-  ``ratio``; the default area range is DESIGN.md's 0.08–1 for both (pass e.g.
+  ``ratio``; the default area range is docs/design.md's 0.08–1 for both (pass e.g.
   ``small_scale=(0.05, 0.14)`` for SwAV-style small crops).
 
   Args:

@@ -83,7 +83,7 @@ OBJECTIVES: Mapping[str, Objective] = {
 
 @dataclasses.dataclass(frozen=True)
 class ViewConfig:
-  """Multi-crop views (DESIGN §2 "Views")."""
+  """Multi-crop views (docs/design.md §2 "Views")."""
   num_large: int = 4
   num_small: int = 2
   large_size: int = 224
@@ -109,7 +109,7 @@ class NetworkConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  """Pseudo-labels, semantic positives and the loss weights (DESIGN §2)."""
+  """Pseudo-labels, semantic positives and the loss weights (docs/design.md §2)."""
   knn_k: int = 1
   num_semantic_positives: int = 3
   temperature: float = 0.2
@@ -117,7 +117,7 @@ class LossConfig:
   semantic_weight: float = 0.2
   invariance_weight: float = 5.0
   num_negatives: int = 0  # 0: every other image of the global batch.
-  # Ablation switches; the defaults are DESIGN.md §2 as written.
+  # Ablation switches; the defaults are docs/design.md §2 as written.
   # Drop other rows of the anchor's own (pseudo-)class from the semantic term's negatives.
   mask_same_class_negatives: bool = False
   # > 0: both semantic terms are scaled by min(1, step / semantic_ramp_steps).
@@ -662,7 +662,7 @@ def oracle_labels(key: jax.Array, labels: jax.Array, num_classes: int,
 
 def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.Array],
                key: jax.Array) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One SemPPL update (DESIGN §2): loss, LARS + probe updates, target EMA, enqueue.
+  """One SemPPL update (docs/design.md §2): loss, LARS + probe updates, target EMA, enqueue.
 
   Jit it with ``config`` static (``jax.jit(train_step, static_argnums=0)`` or a
   ``functools.partial``); inside ``jax.set_mesh(mesh)`` it runs sharded (module docstring).

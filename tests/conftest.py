@@ -1,7 +1,57 @@
-"""Test-wide setup: 8 fake CPU devices (set before jax is imported) and quiet TensorFlow."""
+"""Test-wide setup: 8 fake CPU devices (set before jax is imported), quiet TensorFlow, and a
+persistent JAX compilation cache.
+
+The cache lives in ``.pytest_cache/jax_compilation_cache`` (git-ignored with the rest of
+``.pytest_cache``): a second run of the same tests loads the compiled XLA programs instead of
+compiling them again. Entries are keyed by the program, the devices and the jax version, so
+changed code simply misses; a damaged or half-written entry (two xdist workers share the folder)
+is reported by jax as a warning and recompiled. The folder is emptied at the start of a session
+once it holds more than ``_CACHE_MAX_BYTES``; delete it to start cold. The cache is set in this
+process only: the launches of the e2e tests compile on their own. ``SEMPPL_TEST_JAX_CACHE=0``
+switches it off.
+"""
 import os
+import shutil
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402  (after XLA_FLAGS: the device count is read when jax starts)
+
+# The checkout's root: tests import the launchable configs and tools of experiments/.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+_CACHE_DIR = os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache")
+_CACHE_MAX_BYTES = 2 * 1024**3
+_CACHE_ON = os.environ.get("SEMPPL_TEST_JAX_CACHE", "1") != "0"
+
+
+def _folder_bytes(path):
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
+def pytest_configure(config):
+  if not _CACHE_ON:
+    return
+  # Only the controlling process trims (never an xdist worker, which could race its siblings).
+  if not hasattr(config, "workerinput") and os.path.isdir(_CACHE_DIR):
+    if _folder_bytes(_CACHE_DIR) > _CACHE_MAX_BYTES:
+      shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+  os.makedirs(_CACHE_DIR, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+  # Cache every program that takes a tenth of a second to compile (the default is 1 s, which
+  # would leave out most of the small jitted functions the unit tests compile).
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

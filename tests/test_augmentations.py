@@ -245,6 +245,7 @@ def test_photometric_views_defaults_and_no_views():
   assert out.shape == (0, B, H, W, 3) and out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_multi_crop_shapes_and_keys():
   large, small = multi(RGB, KEY)
   large = _check_basic(large, (2, B, 12, 12, 3))

@@ -5,6 +5,10 @@ import json
 import os
 import subprocess
 
+import pytest
+
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

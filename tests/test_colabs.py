@@ -178,6 +178,7 @@ def release_url(release_file):
 
 # Two runs: a local file with Fashion-MNIST (when installed), and a download without it (the
 # sample-image fallback).
+@pytest.mark.e2e
 @pytest.mark.parametrize("source", ["local_file", "download"])
 def test_load_released_checkpoint_notebook(release_file, release_url, kernel_dir, tmp_path,
                                            source):
@@ -234,6 +235,7 @@ def test_load_released_checkpoint_notebook(release_file, release_url, kernel_dir
     assert 0.0 <= float(match.group(1)) <= 100.0
 
 
+@pytest.mark.e2e
 def test_load_released_checkpoint_notebook_stops_on_wrong_architecture(
     release_file, kernel_dir, tmp_path):
   path, _, _ = release_file
@@ -250,6 +252,7 @@ def test_load_released_checkpoint_notebook_stops_on_wrong_architecture(
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="dataset-fashion-mnist not installed")
 def test_train_on_your_data_notebook(kernel_dir, tmp_path):
   steps = 4

@@ -94,6 +94,7 @@ def test_semi_supervised_keys_shapes_and_content(mocked):
   np.testing.assert_array_equal(np.sort(unlab[:14]), np.arange(14))
 
 
+@pytest.mark.slow
 def test_semi_supervised_deterministic_and_resumable(mocked):
   first = list(tfds.as_numpy(_semi().take(6)))
   again = list(tfds.as_numpy(_semi().take(6)))

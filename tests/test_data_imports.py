@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import semppl_jax.data
 
 PACKAGE = "semppl_jax.data"
@@ -63,6 +65,7 @@ def test_splits_names_no_dataset():
     assert "fashion" not in f.read().lower()
 
 
+@pytest.mark.slow
 def test_each_module_imports_alone_in_a_fresh_interpreter():
   # One interpreter per numpy-only module (cheap: no TensorFlow), so that a module that only
   # works after another one was imported first fails here.

@@ -29,6 +29,8 @@ import pytest
 
 import launch_util
 
+pytestmark = pytest.mark.e2e
+
 STEPS = 10
 SEED = 20260401
 ONE_DEVICE = 1

@@ -35,6 +35,7 @@ def _leaves_equal(a, b):
                                                   jax.tree_util.tree_leaves(b)))
 
 
+@pytest.mark.slow
 def test_linear_keeps_the_encoder_and_matches_a_numpy_head(encoder_and_batch):
   params, state, images, labels = encoder_and_batch
   config = _config("linear", flip=False)
@@ -63,6 +64,7 @@ def test_linear_keeps_the_encoder_and_matches_a_numpy_head(encoder_and_batch):
   assert not _leaves_equal(s1["head_params"], s0["head_params"])
 
 
+@pytest.mark.slow
 def test_fine_tune_trains_encoder_and_its_batchnorm(encoder_and_batch):
   params, state, images, labels = encoder_and_batch
   config = _config("fine_tune")

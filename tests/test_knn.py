@@ -124,6 +124,7 @@ def vote_fn(k):
 
 
 @pytest.mark.parametrize("k", [1, 3, 12, 100])
+@pytest.mark.slow
 def test_knn_vote_ties_partly_empty(mesh, k):
   """Integer data (many count and similarity ties), 40 % empty, k up to > Q / devices and > Q."""
   queries, keys, labels = integer_data(1)
@@ -137,6 +138,7 @@ def test_knn_vote_ties_partly_empty(mesh, k):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_knn_vote_tie_rule(mesh):
   """Hand-made neighbourhoods; rows 0-3 are the cases the old smallest-label rule got wrong."""
   num_classes = 10
@@ -171,6 +173,7 @@ def test_knn_vote_tie_rule(mesh):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_knn_vote_fewer_valid_than_k_and_empty(mesh):
   queries, keys, _ = integer_data(2)
   labels = np.full(64, -1, np.int32)
@@ -187,6 +190,7 @@ def test_knn_vote_fewer_valid_than_k_and_empty(mesh):
     np.testing.assert_array_equal(got, -np.ones(10))
 
 
+@pytest.mark.slow
 def test_knn_vote_normalised_floats(mesh):
   rng = np.random.default_rng(3)
   queries = rng.normal(size=(16, 8)).astype(np.float32)
@@ -206,6 +210,7 @@ def pseudo_fn(k, num_classes=NUM_CLASSES):
   return lambda x, q: knn.pseudo_labels(x, q, k=k, num_classes=num_classes)
 
 
+@pytest.mark.slow
 def test_pseudo_labels(mesh):
   rng = np.random.default_rng(4)
   num_views, batch, size, dim = 3, 12, 64, 4
@@ -224,6 +229,7 @@ def test_pseudo_labels(mesh):
   np.testing.assert_array_equal(pseudo_fn(3)(queries, all_empty), -np.ones(batch))
 
 
+@pytest.mark.slow
 def test_pseudo_labels_ties_across_votes(mesh):
   """L = 2: four votes per image, each the one entry of a queue that its query sees best.
 
@@ -284,6 +290,7 @@ def ref_weighted(queries, bank, labels, k, num_classes, temperature):
 
 
 @pytest.mark.parametrize("k", [5, 100])
+@pytest.mark.slow
 def test_weighted_knn_scores(mesh, k):
   """Entries +-1 in D=4 (norm 2) scaled by powers of two: exact cosines with many ties."""
   rng = np.random.default_rng(6)

@@ -143,6 +143,7 @@ def _check_against_brute_force(result, rows, k, vote):
     assert abs(float(row["nearest_similarity"]) - similarity) < 2e-4
 
 
+@pytest.mark.slow
 def test_release_checkpoint_labels_folder_like_brute_force_knn(folders, release_file, encoder,
                                                               tmp_path, capsys):
   root, truth = folders
@@ -225,6 +226,7 @@ def test_errors_name_the_flag_and_the_problem(folders, release_file, tmp_path, c
 @pytest.mark.skipif(not all(os.path.exists(p) for split in ("train", "test") for p in
                             label.data_lib.fashion_mnist.idx_file_paths(split)),
                     reason="dataset-fashion-mnist not installed")
+@pytest.mark.slow
 def test_fashion_mnist_test_split_is_labelled_from_the_label_split(release_file, tmp_path,
                                                                   capsys):
   result = label.run(label.parse_args([

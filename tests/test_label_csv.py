@@ -4,18 +4,19 @@ import numpy as np
 import pytest
 
 from experiments import label
+from semppl_jax import labelling
 
 HOSTILE = ("=HYPERLINK(\"http://x\",\"y\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx")
 
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_formula_like_text_is_neutralised(text):
-  assert label.csv_text(text) == "'" + text
+  assert labelling.csv_text(text) == "'" + text
 
 
 @pytest.mark.parametrize("text", ["cat", "img 1.png", "a=b", "", "'quoted"])
 def test_plain_text_is_kept(text):
-  assert label.csv_text(text) == text
+  assert labelling.csv_text(text) == text
 
 
 def test_written_csv_has_no_cell_starting_a_formula(tmp_path):
@@ -32,7 +33,7 @@ def test_written_csv_has_no_cell_starting_a_formula(tmp_path):
   for row in rows:
     for column, cell in row.items():
       if column not in ("predicted_index", "vote_share", "nearest_similarity"):
-        assert not cell.startswith(label._FORMULA_START), (column, cell)
+        assert not cell.startswith(labelling._FORMULA_START), (column, cell)
   assert rows[0]["file"] == "'=1+1.png" and rows[0]["predicted_class"] == "'=cmd|' /C calc'!A0"
   assert rows[0]["nearest_labelled_file"] == "'@a.png"
   assert rows[1]["nearest_similarity"] == "0.2500" and rows[0]["nearest_similarity"] == "-0.5000"

@@ -328,6 +328,7 @@ def test_identical_views_give_zero_invariance_and_known_loss():
 # ----------------------------------------------------------------------------- num_negatives
 
 
+@pytest.mark.slow
 def test_num_negatives_path(inputs):
   online, target, semantic, valid = inputs
   key = jax.random.PRNGKey(7)

@@ -182,6 +182,7 @@ def _assert_trees_equal(got, expected, what):
 FLOAT_ATOL = 2e-5
 
 
+@pytest.mark.e2e
 def test_two_processes_train_like_one_process(runs):
   step_one, one = runs["one"].snapshot()
   step_two, two = runs["two"].snapshot()
@@ -209,6 +210,7 @@ def _results(run, prefix="[eval]"):
   return out
 
 
+@pytest.mark.e2e
 def test_two_processes_evaluate_like_one_process(runs):
   one, two = _results(runs["one"], "[eval]"), _results(runs["two"], "[eval]")
   assert any("weighted kNN top-1" in k for k in one), runs["one"].outputs[0][-3000:]
@@ -219,11 +221,13 @@ def test_two_processes_evaluate_like_one_process(runs):
     assert abs(two[key] - value) <= 0.2, (key, two[key], value)
 
 
+@pytest.mark.e2e
 def test_only_process_zero_writes_tensorboard_events(runs):
   events = glob.glob(os.path.join(runs["two"].run_dir, "train", "events.out.tfevents.*"))
   assert len(events) == 1, events
 
 
+@pytest.mark.e2e
 def test_only_process_zero_prints_progress_and_results(runs):
   two = runs["two"]
   assert two.stdout_lines(0, f"[train] step {STEPS}/{STEPS}")
@@ -232,6 +236,7 @@ def test_only_process_zero_prints_progress_and_results(runs):
       two.outputs[1][-3000:])
 
 
+@pytest.mark.e2e
 def test_survivor_of_a_lost_process_exits_with_an_error(runs):
   lost = runs["lost"]
   assert lost.returncodes[1] == -signal.SIGKILL, "process 1 finished before it was killed"
@@ -241,6 +246,7 @@ def test_survivor_of_a_lost_process_exits_with_an_error(runs):
                    lost.outputs[0], re.IGNORECASE), lost.outputs[0][-3000:]
 
 
+@pytest.mark.e2e
 def test_run_killed_on_every_process_resumes_to_the_uninterrupted_result(runs):
   killed_at, _ = runs["lost_snapshot"]
   assert 2 <= killed_at < STEPS
@@ -262,6 +268,7 @@ def _eval_overrides(run_dir, encoder_run):
           f"{c}.evaluation.batch_size=256", f"{c}.evaluation.max_examples=512")
 
 
+@pytest.mark.e2e
 def test_evaluation_experiment_on_two_processes_is_bit_identical(runs, tmp_path):
   # The kNN protocol evaluates one pre-training checkpoint (restored on every process from the
   # Orbax checkpoint) without training: no cross-device sum touches the embeddings, so the

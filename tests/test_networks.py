@@ -595,6 +595,7 @@ def test_bottleneck_resnet_parameter_trees_match_haiku(depth, resnet_v2):
 
 
 @pytest.mark.parametrize("resnet_v2", [False, True])
+@pytest.mark.slow
 def test_resnet50_values_match_haiku(resnet_v2):
   ours, ref = _resnet_pair(50, resnet_v2)
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
@@ -686,6 +687,7 @@ def _loss_and_grads(name, remat, images, compute_dtype=jnp.float32, **kwargs):
     ("sk_resnet50", dict()),
 ])
 @pytest.mark.parametrize("remat", ["block", "group"])
+@pytest.mark.slow
 def test_remat_keeps_parameters_outputs_gradients_and_state(name, kwargs, remat):
   hw = 32 if name == "sk_resnet50" else 16
   images = jax.random.normal(jax.random.PRNGKey(1), (2, hw, hw, 3))
@@ -697,6 +699,7 @@ def test_remat_keeps_parameters_outputs_gradients_and_state(name, kwargs, remat)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_with_bfloat16_compute_matches():
   images = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
   ref = _loss_and_grads("resnet18", "none", images, jnp.bfloat16, small_images=True)

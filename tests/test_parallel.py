@@ -174,6 +174,7 @@ def _free_port():
     return sock.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_processes_sharded_knn_vote(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(WORKER)

@@ -4,6 +4,8 @@ import io
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -14,6 +16,7 @@ def _api_example() -> str:
   return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
+@pytest.mark.slow
 def test_functional_api_example_runs():
   out = io.StringIO()
   with contextlib.redirect_stdout(out):

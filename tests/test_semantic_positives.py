@@ -52,6 +52,7 @@ def ref_sample_slots(key, labels, queue_labels, num_positives):
   return out
 
 
+@pytest.mark.slow
 def test_sample_semantic_positives(mesh, sampling_queue):
   labels = np.array([0, 1, 2, 3, -1, 7, 0, 2], np.int32)
   num_positives = 4
@@ -124,6 +125,7 @@ def test_sample_semantic_positives_uniform(mesh):
   assert 0.07 < np.mean(class_2[0] == class_2[1]) < 0.19
 
 
+@pytest.mark.slow
 def test_sample_semantic_positives_huge_labels(mesh):
   """Labels too large to pack with the slot into int32 take the pair sort; same draws."""
   size = 64

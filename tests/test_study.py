@@ -162,6 +162,7 @@ def test_mean_std_and_tables(tmp_path):
   assert "| 1 % | mask | semppl | 0 | -10.00 ± 0.00 | +20.00 ± 0.00 | +0.00 ± 0.00 |" in variants
 
 
+@pytest.mark.slow
 def test_two_step_smoke_run(tmp_path):
   """The whole worker path once: 2 pre-training steps, kNN, linear and fine-tune on both splits
   (evaluations cut to 256 images), result JSON; a rerun of the worker reuses what is on disk."""

@@ -134,6 +134,7 @@ def _hand_assembled_loss(config, state, batch, key):
 
 
 @pytest.mark.parametrize("objective", ["relic", "semppl"])
+@pytest.mark.slow
 def test_loss_equals_hand_assembled_sum_of_terms(state, objective):
   config = _config(objective)
   state = state._replace(queue=_filled_queue(config))
@@ -157,6 +158,7 @@ def _norm(tree):
   return float(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
+@pytest.mark.slow
 def test_gradients_reach_online_and_probe_never_target(state):
   config = _config("semppl")
   state = state._replace(queue=_filled_queue(config))
@@ -178,6 +180,7 @@ def test_probe_shapes_the_encoder_only_in_the_supervised_baseline(state, objecti
   assert (_norm(encoder) > 0) == encoder_learns_from_probe
 
 
+@pytest.mark.slow
 def test_step_traces_once_and_updates_what_each_objective_owns(state):
   config = _config("relic")
 
@@ -203,6 +206,7 @@ def test_step_traces_once_and_updates_what_each_objective_owns(state):
   chex.assert_trees_all_equal(sup.target_params, state.target_params)
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_unsharded(state):
   """8 fake devices vs one, same layout (num_shards=8). BatchNorm means are sums over the
   batch that XLA adds in another order when the batch is split over devices, so the two agree
@@ -240,6 +244,7 @@ def _assert_same_state_but_guard(got, expected):
   chex.assert_trees_all_equal(jax.device_get(strip(got)), jax.device_get(strip(expected)))
 
 
+@pytest.mark.slow
 def test_nonfinite_batch_leaves_the_state_unchanged_and_sets_the_guard(state):
   config = _config("semppl")
   step = _unit_jit(config)

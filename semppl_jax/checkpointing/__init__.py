@@ -1,7 +1,7 @@
 """Checkpoints: the released SemPPL pickles (safe reader, verifier, writer) and Orbax on disk.
 
 One concern per module; every public name is re-exported here, so
-``from semppl_jax import checkpointing; checkpointing.X`` is the public interface (DESIGN.md §4):
+``from semppl_jax import checkpointing; checkpointing.X`` is the public API (docs/design.md §4):
 
 * :mod:`.errors`: :class:`CheckpointError` (a ``ValueError``) raised for every bad checkpoint.
 * :mod:`.unpickler`: the allow-list unpickler (:data:`ALLOWED_GLOBALS`), which never imports a

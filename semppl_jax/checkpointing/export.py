@@ -2,7 +2,7 @@
 
 Writes an encoder (and optionally heads) as the official release ships them, a protocol-2
 pickle of ``{'experiment_state': {'online_params': ..., 'online_state': ...}, 'step': ...,
-'rng': ...}`` with numpy leaves (DESIGN.md §5), atomically, with numpy's reconstructors named
+'rng': ...}`` with numpy leaves (docs/design.md §5), atomically, with numpy's reconstructors named
 as numpy 1.x (the release's environment) knows them.
 :func:`~semppl_jax.checkpointing.release.load_released_checkpoint` reads the files back.
 """

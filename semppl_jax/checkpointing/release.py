@@ -2,9 +2,9 @@
 
 The official release ships dill pickles (protocol 2) of a dict
 ``{'experiment_state': {'online_params': ..., 'online_state': ..., ...}, 'step': ..., 'rng': ...}``
-(DESIGN.md §5). :func:`load_released_checkpoint` reads them through the allow-list unpickler of
-:mod:`semppl_jax.checkpointing.unpickler` (nothing named by the file is imported or run). All
-leaves come back as ``numpy.ndarray``.
+(docs/design.md §5). :func:`load_released_checkpoint` reads them through the allow-list
+unpickler of :mod:`semppl_jax.checkpointing.unpickler` (nothing named by the file is imported or
+run). All leaves come back as ``numpy.ndarray``.
 
 Replica axis. The release's own evaluation takes element ``[0]`` of every leaf, so the leaves
 may carry a leading replica axis. It is stripped only when the shapes say so, judged on *anchor*

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import numpy as np
 
+from semppl_jax import checks
+
 # Stream ids folded into the permutation seeds, so the two streams are independent.
 _LABELLED_STREAM = 0
 _UNLABELLED_STREAM = 1
@@ -90,13 +92,13 @@ class SemiSupervisedBatches:
     Raises:
       ValueError: naming the offending argument and what was expected.
     """
-    _check_int("process_count", process_count, 1)
-    _check_int("process_index", process_index, 0)
+    checks.check_int("process_count", process_count, 1)
+    checks.check_int("process_index", process_index, 0)
     if process_index >= process_count:
       raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}")
-    _check_int("seed", seed, 0)
+    checks.check_int("seed", seed, 0)
     if num_classes is not None:
-      _check_int("num_classes", num_classes, 1)
+      checks.check_int("num_classes", num_classes, 1)
     _check_images("labelled_images", labelled_images)
     _check_images("unlabelled_images", unlabelled_images)
     if labelled_images.shape[1:] != unlabelled_images.shape[1:]:
@@ -112,7 +114,7 @@ class SemiSupervisedBatches:
                            labelled_images.shape[0]),
                           ("unlabelled_batch_size", unlabelled_batch_size,
                            unlabelled_images.shape[0])):
-      _check_int(name, size, 1)
+      checks.check_int(name, size, 1)
       if size % process_count:
         raise ValueError(f"{name} must be divisible by process_count={process_count}, "
                          f"got {size}")
@@ -140,7 +142,7 @@ class SemiSupervisedBatches:
 
   def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """This host's (labelled int64 `[b_l]`, unlabelled int64 `[b_u]`) indices at `step`."""
-    _check_int("step", step, 0)
+    checks.check_int("step", step, 0)
     out = []
     for stream, (images, _), global_b, host_b in (
         (_LABELLED_STREAM, self._labelled, self.labelled_batch_size,
@@ -173,10 +175,10 @@ class SemiSupervisedBatches:
     Yields:
       dicts as returned by `__call__`, identical to calling it step by step.
     """
-    _check_int("start_step", start_step, 0)
-    _check_int("prefetch", prefetch, 0)
+    checks.check_int("start_step", start_step, 0)
+    checks.check_int("prefetch", prefetch, 0)
     if num_steps is not None:
-      _check_int("num_steps", num_steps, 0)
+      checks.check_int("num_steps", num_steps, 0)
     steps = (itertools.count(start_step) if num_steps is None
              else range(start_step, start_step + num_steps))
     if prefetch == 0:
@@ -253,11 +255,11 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   Raises:
     ValueError: naming the offending argument.
   """
-  _check_int("process_count", process_count, 1)
-  _check_int("process_index", process_index, 0)
+  checks.check_int("process_count", process_count, 1)
+  checks.check_int("process_index", process_index, 0)
   if process_index >= process_count:
     raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}")
-  _check_int("batch_size", batch_size, 1)
+  checks.check_int("batch_size", batch_size, 1)
   if batch_size % process_count:
     raise ValueError(f"batch_size must be divisible by process_count={process_count}, "
                      f"got {batch_size}")
@@ -334,11 +336,6 @@ def _prefetch(items: Iterator, size: int) -> Iterator:
   finally:
     stop.set()
     thread.join()
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_images(name: str, images) -> None:

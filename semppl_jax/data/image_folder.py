@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from semppl_jax import checks
 from semppl_jax.data import pipelines
 
 # Extensions decoded by TensorFlow, and those decoded by Pillow.
@@ -283,8 +284,8 @@ def check_images(paths: Sequence[str], *, skip_corrupt: bool = False,
   Raises:
     ValueError: without `skip_corrupt`, naming every bad file and why.
   """
-  pipelines.check_int("num_threads", num_threads, 1)
-  pipelines.check_int("max_pixels", max_pixels, 1)
+  checks.check_int("num_threads", num_threads, 1)
+  checks.check_int("max_pixels", max_pixels, 1)
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     results = list(pool.map(lambda p: _problem(p, full_decode, max_pixels), paths))
   bad = tuple((p, why) for p, (why, _) in zip(paths, results) if why is not None)
@@ -448,8 +449,8 @@ def image_folder_semi_supervised(labelled_dir: str | ImageFolder,
   """
   crops = pipelines.MultiCrop(num_large, large_size, large_scale, num_small, small_size,
                               small_scale, aspect_ratio_range, max_attempts).check()
-  pipelines.check_int("seed", seed, 0)
-  pipelines.check_int("start_step", start_step, 0)
+  checks.check_int("seed", seed, 0)
+  checks.check_int("start_step", start_step, 0)
   host = pipelines.check_host_args(process_index=process_index, process_count=process_count,
                                    labelled_batch_size=labelled_batch_size,
                                    unlabelled_batch_size=unlabelled_batch_size)
@@ -463,7 +464,7 @@ def image_folder_semi_supervised(labelled_dir: str | ImageFolder,
       process_index, process_count)
   if shuffle_buffer is None:
     shuffle_buffer = max(num_labelled, num_unlabelled)
-  pipelines.check_int("shuffle_buffer", shuffle_buffer, 1)
+  checks.check_int("shuffle_buffer", shuffle_buffer, 1)
   return pipelines.semi_supervised_dataset(
       lab_records, num_labelled, unlab_records, num_unlabelled, decode_fn=_decode,
       crops=crops, labelled_batch_size=host["labelled_batch_size"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from semppl_jax import checks
 from semppl_jax.data import pipelines
 
 TRAIN_DATASET = "imagenet2012"
@@ -75,9 +76,9 @@ def imagenet_semi_supervised(split_percent: int, *, labelled_batch_size: int,
   _check_percent(split_percent)
   crops = pipelines.MultiCrop(num_large, large_size, large_scale, num_small, small_size,
                               small_scale, aspect_ratio_range, max_attempts).check()
-  pipelines.check_int("seed", seed, 0)
-  pipelines.check_int("start_step", start_step, 0)
-  pipelines.check_int("shuffle_buffer", shuffle_buffer, 1)
+  checks.check_int("seed", seed, 0)
+  checks.check_int("start_step", start_step, 0)
+  checks.check_int("shuffle_buffer", shuffle_buffer, 1)
   host = pipelines.check_host_args(process_index=process_index, process_count=process_count,
                                    labelled_batch_size=labelled_batch_size,
                                    unlabelled_batch_size=unlabelled_batch_size)

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-import numpy as np
 import tensorflow as tf
+
+from semppl_jax import checks
 
 # Keeps the seeds of different streams and epochs apart (primes, no meaning beyond that).
 _SEED_STRIDE = 1_000_003
@@ -35,7 +36,7 @@ FALLBACK_CENTRAL_FRACTION = 0.875
 
 
 class MultiCrop(NamedTuple):
-  """The host-side crops of each training image (DESIGN.md §2, Views).
+  """The host-side crops of each training image (docs/design.md §2, Views).
 
   Attributes:
     num_large: L >= 1 large views per image.
@@ -62,11 +63,11 @@ class MultiCrop(NamedTuple):
     Raises:
       ValueError: naming the field and the expected value.
     """
-    check_int("num_large", self.num_large, 1)
-    check_int("num_small", self.num_small, 0)
-    check_int("large_size", self.large_size, 1)
-    check_int("small_size", self.small_size, 1)
-    check_int("max_attempts", self.max_attempts, 1)
+    checks.check_int("num_large", self.num_large, 1)
+    checks.check_int("num_small", self.num_small, 0)
+    checks.check_int("large_size", self.large_size, 1)
+    checks.check_int("small_size", self.small_size, 1)
+    checks.check_int("max_attempts", self.max_attempts, 1)
     ranges = {}
     for name, upper in (("large_scale", 1.0), ("small_scale", 1.0),
                         ("aspect_ratio_range", None)):
@@ -373,13 +374,13 @@ def check_host_args(*, process_index: int, process_count: int, **batch_sizes: in
     ValueError: naming the argument, if a value is not a positive int, `process_index` is
       outside `[0, process_count)`, or a batch size is not divisible by `process_count`.
   """
-  check_int("process_count", process_count, 1)
-  check_int("process_index", process_index, 0)
+  checks.check_int("process_count", process_count, 1)
+  checks.check_int("process_index", process_index, 0)
   if process_index >= process_count:
     raise ValueError(f"process_index must lie in [0, {process_count}), got {process_index}")
   host = {}
   for name, size in batch_sizes.items():
-    check_int(name, size, 1)
+    checks.check_int(name, size, 1)
     if size % process_count:
       raise ValueError(f"{name} must be divisible by process_count={process_count}, "
                        f"got {size}")
@@ -390,16 +391,10 @@ def check_host_args(*, process_index: int, process_count: int, **batch_sizes: in
 def check_image_args(image_size: int, central_fraction: float, seed: int | None = None,
                      start_step: int | None = None) -> None:
   """Validates the common preprocessing/seed arguments (ValueError naming them)."""
-  check_int("image_size", image_size, 1)
+  checks.check_int("image_size", image_size, 1)
   if not 0.0 < central_fraction <= 1.0:
     raise ValueError(f"central_fraction must lie in (0, 1], got {central_fraction}")
   if seed is not None:
-    check_int("seed", seed, 0)
+    checks.check_int("seed", seed, 0)
   if start_step is not None:
-    check_int("start_step", start_step, 0)
-
-
-def check_int(name: str, value, minimum: int) -> None:
-  """Raises ValueError naming `name` unless `value` is an int >= `minimum`."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    checks.check_int("start_step", start_step, 0)

@@ -14,7 +14,7 @@ Training views: random resized crop + flip on device. Evaluation views: the whol
 to ``augmentation.crop_size``. The encoder comes from ``config.checkpoint``: ``source='pretrain'``
 (a pre-training run's ``<checkpoint_dir>/checkpoints``), ``'release'`` (a released ``.pkl``) or
 ``'none'`` (random initialisation); it must match ``config.network`` name for name
-(``semppl_jax.encoder_sources``). Metrics (test split): ``'{protocol}_top1'``; for kNN
+(``semppl_jax.encoders``). Metrics (test split): ``'{protocol}_top1'``; for kNN
 ``'knn_top1_k{k}'`` for every ``k`` in ``evaluation.knn_ks`` and ``'knn_top1'`` (the first).
 Complete config: ``experiments/eval_fashion_mnist.py``.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from ml_collections import config_dict
 
 from semppl_jax import checkpointing
-from semppl_jax import encoder_sources
+from semppl_jax import encoders
 from semppl_jax import evaluation
 from semppl_jax.jaxline import experiment_config
 from semppl_jax import finetune
@@ -33,11 +33,6 @@ from semppl_jax.jaxline import mesh_experiment
 from semppl_jax import parallel
 from semppl_jax import train
 from semppl_jax.jaxline.data_source import DataSource, Views
-
-# The config schema lives in experiment_config; these names stay importable from here.
-PROTOCOLS = experiment_config.PROTOCOLS
-SOURCES = experiment_config.SOURCES
-validate_config = experiment_config.validate_eval_config
 
 
 class EvalExperiment(mesh_experiment.MeshExperiment):
@@ -52,8 +47,8 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     super().__init__(mode=mode, init_rng=init_rng)
     self.config = config
     self._mesh = parallel.make_mesh()
-    validate_config(config, num_devices=self._mesh.shape["data"],
-                    num_processes=jax.process_count())
+    experiment_config.validate_eval_config(config, num_devices=self._mesh.shape["data"],
+                                           num_processes=jax.process_count())
     self._protocol = config.protocol
     self._PROGRESS_PREFIX = config.protocol  # pylint: disable=invalid-name
     init_key, self._root_key = jax.random.split(jnp.asarray(init_rng))
@@ -98,14 +93,12 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
       self._source_info = ("random initialisation (BatchNorm statistics of the first labelled "
                            "batch)")
       return self._random_encoder(key)
-    if c.source == "release":
-      params, state = checkpointing.load_released_checkpoint(
-          c.path, encoder_prefix=c.encoder_prefix or None)
-      self._source_info = f"release checkpoint {c.path}"
-    else:
-      params, state, step = encoder_sources.load_pretrain_encoder(c.path)
-      self._source_info = f"pre-training checkpoint {c.path} (step {step})"
-    encoder_sources.check_encoder(
+    try:
+      params, state, self._source_info, _ = encoders.read_encoder(
+          c.path, kind=c.source, encoder_prefix=c.encoder_prefix or None)
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(f"config.checkpoint.path: {e}") from e
+    encoders.check_encoder(
         params, state, expected_params, expected_state,
         f"config.checkpoint.path={c.path!r} "
         f"({'release' if c.source == 'release' else 'pre-training'} checkpoint)",
@@ -202,23 +195,20 @@ class EvalExperiment(mesh_experiment.MeshExperiment):
     ``N``; ``max_examples`` as in ``evaluation.embed_batches``."""
     if self._embed is None:
       with_head = self._protocol != "knn"
-      size = self.config.augmentation.crop_size
       head = evaluation.linear_head(self.config.data.num_classes)
 
-      def embed(encoder_params, encoder_state, head_params, images):
-        embedding, _ = self._encoder.apply(encoder_params, encoder_state, None,
-                                           evaluation.eval_view(images, size), False)
+      def forward(weights, views):
+        encoder_params, encoder_state, head_params = weights
+        embedding, _ = self._encoder.apply(encoder_params, encoder_state, None, views, False)
         logits = (head.apply(head_params, None, embedding) if with_head
                   else embedding[:, :0])
         return embedding, logits
 
-      replicated = parallel.replicated_sharding(self._mesh)
-      data = parallel.data_sharding(self._mesh)
-      self._embed = jax.jit(embed, in_shardings=(replicated,) * 3 + (data,),
-                            out_shardings=(data, data))
+      self._embed = encoders.make_embedder(forward, self._mesh,
+                                           image_size=self.config.augmentation.crop_size)
     s = self._train_state
-    fn = lambda images: self._embed(s["encoder_params"], s["encoder_state"],
-                                    s.get("head_params", {}), images)
+    weights = (s["encoder_params"], s["encoder_state"], s.get("head_params", {}))
+    fn = lambda images: self._embed(weights, images)
     (emb, logits), labels, mask = evaluation.embed_batches(
         fn, self._data.eval_batches(split), self._mesh, max_examples)
     return emb, logits, labels, mask

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
 
-from semppl_jax import augmentations
+from semppl_jax import encoders
 from semppl_jax import evaluation
 from semppl_jax.jaxline import experiment_config
 from semppl_jax import knn
@@ -27,12 +27,6 @@ from semppl_jax import parallel
 from semppl_jax import train
 from semppl_jax.jaxline.data_source import DataSource, Views
 
-# The config schema lives in experiment_config; these names stay importable from here.
-DATASETS = experiment_config.DATASETS
-validate_config = experiment_config.validate_pretrain_config
-train_config = experiment_config.train_config
-data_description = experiment_config.data_description
-
 
 class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
   """SemPPL pre-training (see the module docstring)."""
@@ -42,8 +36,9 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     self.config = config
     self._mesh = parallel.make_mesh()
     num_devices = self._mesh.shape["data"]
-    validate_config(config, num_devices=num_devices, num_processes=jax.process_count())
-    self._train_config = train_config(config, num_devices)
+    experiment_config.validate_pretrain_config(config, num_devices=num_devices,
+                                               num_processes=jax.process_count())
+    self._train_config = experiment_config.train_config(config, num_devices)
     self._nets = train.build_networks(self._train_config.network, config.data.num_classes)
     init_key, self._root_key = jax.random.split(jnp.asarray(init_rng))
     v = config.views
@@ -60,8 +55,9 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     c, t = config, self._train_config
     mesh_experiment.say(
         f"[setup] SemPPL pre-training | objective={c.objective} | "
-        f"{data_description(c.data)} | {c.training_steps} steps of {c.data.labelled_batch_size}"
-        f" labelled + {c.data.unlabelled_batch_size} unlabelled images | {t.views.num_large}x"
+        f"{experiment_config.data_description(c.data)} | {c.training_steps} steps of "
+        f"{c.data.labelled_batch_size} labelled + {c.data.unlabelled_batch_size} unlabelled "
+        f"images | {t.views.num_large}x"
         f"{t.views.large_size}px + {t.views.num_small}x{t.views.small_size}px views | "
         f"{c.network.encoder} x{c.network.width_multiplier} | queue {c.queue.size} | "
         f"{num_devices} device(s), {jax.process_count()} process(es)" + _oracle_note(t))
@@ -121,18 +117,17 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     if self._embed is None:
       nets = self._nets
 
-      def embed(params, state, probe_params, images):
-        x = augmentations.normalize(evaluation.preprocess(images))
-        (embedding, _, prediction), _ = nets.online.apply(params, state, None, x, False)
+      def forward(weights, views):
+        params, state, probe_params = weights
+        (embedding, _, prediction), _ = nets.online.apply(params, state, None, views, False)
         logits = nets.probe.apply(probe_params, None, embedding)
         return losses.l2_normalize(embedding), losses.l2_normalize(prediction), logits
 
-      replicated = parallel.replicated_sharding(self._mesh)
-      data = parallel.data_sharding(self._mesh)
-      self._embed = jax.jit(embed, in_shardings=(replicated,) * 3 + (data,),
-                            out_shardings=(data, data, data))
+      # Evaluation images at their own size (the data pipeline sized them).
+      self._embed = encoders.make_embedder(forward, self._mesh)
     s = self._train_state
-    fn = lambda images: self._embed(s.online_params, s.online_state, s.probe_params, images)
+    weights = (s.online_params, s.online_state, s.probe_params)
+    fn = lambda images: self._embed(weights, images)
     return evaluation.embed_batches(fn, self._data.eval_batches(split), self._mesh,
                                     max_examples=max_examples)
 

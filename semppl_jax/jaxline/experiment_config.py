@@ -83,7 +83,7 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
   batch = labelled + config.data.unlabelled_batch_size
   if rules.integer(config, "semppl.num_negatives", low=0):
     rules.integer(config, "semppl.num_negatives", low=1, high=batch - 1)
-  # Ablation switches (optional fields: configs without them run DESIGN.md §2 as written).
+  # Ablation switches (optional fields: configs without them run docs/design.md §2 as written).
   choices = {"semantic_negatives": losses.SEMANTIC_NEGATIVES,
              "pseudo_labels": train.PSEUDO_LABEL_SOURCES}
   for field in _LOSS_SWITCHES:

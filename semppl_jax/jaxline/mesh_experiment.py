@@ -13,7 +13,7 @@ import collections
 import os
 import signal
 import time
-from typing import Any, Deque, Dict, Mapping
+from typing import Any, Callable, Deque, Dict, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +124,51 @@ class MeshExperiment(jaxline_experiment.AbstractExperiment):
     super().__init__(mode=mode, init_rng=init_rng)
     # Device metrics of the last logging window (averaged into the final report).
     self._recent: Deque[Dict[str, jax.Array]] = collections.deque(maxlen=1)
+
+  # --- public state and loop ----------------------------------------------------------------------
+
+  @property
+  def train_state(self) -> PyTree:
+    """The current train state, on the devices (the pre-training experiment's is a
+    ``semppl_jax.train.TrainState``; the evaluation experiment's a dict). Assigning places the
+    new value as a restored checkpoint would be (same shardings)."""
+    return self._train_state
+
+  @train_state.setter
+  def train_state(self, value: PyTree) -> None:
+    self._train_state = self._place(value)
+
+  def run(self, steps: int,
+          on_log: Optional[Callable[[int, Dict[str, float]], Any]] = None, *,
+          start: int = 0, log_every: Optional[int] = None) -> Dict[str, float]:
+    """Trains steps ``start, ..., steps - 1`` in this process, without jaxline.
+
+    No checkpoint is written and nothing is printed (scripts do that in ``on_log``; the
+    launcher's loop is :meth:`train_loop`). Every ``log_every`` steps (default:
+    ``config.log_every_steps``) and after the last step, the mean of each step metric since the
+    previous call is fetched to the host, the same way the launcher's loop fetches (nothing in
+    between), and ``on_log(done, means)`` is called with the number of steps done.
+
+    Returns:
+      The last ``means`` (``{}`` when no step ran).
+
+    Raises:
+      FloatingPointError: a step was refused as non-finite (checked at each log step).
+    """
+    from semppl_jax.jaxline import summaries  # pylint: disable=g-import-not-at-top
+    log_every = max(1, log_every or self.config.log_every_steps)
+    window, means = [], {}
+    for step in range(start, steps):
+      window.append(self.step(global_step=step, rng=None))
+      done = step + 1
+      if done % log_every == 0 or done == steps:
+        self._check_finite()
+        with jax.transfer_guard_device_to_host("allow"):
+          means = summaries.window_means(window)
+        window = []
+        if on_log is not None:
+          on_log(done, means)
+    return means
 
   # --- checkpointing -----------------------------------------------------------------------------
 

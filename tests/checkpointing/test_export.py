@@ -12,6 +12,7 @@ import pytest
 from semppl_jax import checkpointing as ck
 
 
+@pytest.mark.slow
 def test_export_round_trip(tmp_path, r50, heads, forward):
   params, state = r50
   jax_params = jax.tree.map(jnp.asarray, params)  # exporting jax arrays works too

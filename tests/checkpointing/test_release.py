@@ -8,6 +8,7 @@ import pytest
 from semppl_jax import checkpointing as ck
 
 
+@pytest.mark.slow
 def test_plain_pickle_numpy2_and_numpy1_names_load_and_forward_matches(tmp_path, r50, forward):
   params, state = r50
   data = pickle.dumps(release_dict(params, state), protocol=2)

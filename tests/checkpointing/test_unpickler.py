@@ -8,13 +8,13 @@ import tracemalloc
 import typing
 
 import dill
-import hostile_files
 import jax
 import numpy as np
 import pytest
 from checkpointing_testlib import assert_tree_equal, fake_module_globals, load_bytes, release_dict
 from haiku._src import data_structures  # pylint: disable=g-direct-haiku-import
 
+from experiments import hostile_files
 from semppl_jax import checkpointing as ck
 from semppl_jax.checkpointing import unpickler
 

@@ -1,6 +1,6 @@
 """Tests for the SemPPL ablation switches of semppl_jax.train.LossConfig and their config wiring.
 
-Each switch defaults to DESIGN.md §2 as written; the tests check what each one changes in
+Each switch defaults to docs/design.md §2 as written; the tests check what each one changes in
 ``train.objective_loss`` on a tiny configuration (tiny ResNet, 12 px / 8 px views, batch 4 + 4).
 """
 import jax
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from semppl_jax import augmentations
-from semppl_jax.jaxline import experiment
+from semppl_jax.jaxline import experiment_config
 from semppl_jax import queue as queue_lib
 from semppl_jax import train
 
@@ -62,6 +62,7 @@ def test_defaults_are_design_as_written():
           c.bn_stats_from_large_views_only) == (False, 0, False)
 
 
+@pytest.mark.slow
 def test_semantic_ramp_scales_the_semantic_terms_by_step(state):
   plain_loss, plain = _loss(_config(), state)
   assert float(plain.metrics["semantic_scale"]) == 1.0
@@ -112,25 +113,25 @@ def test_experiment_config_wiring():
   c.semppl.mask_same_class_negatives = True
   c.semppl.semantic_ramp_steps = 50
   c.semppl.bn_stats_from_large_views_only = True
-  experiment.validate_config(c, num_devices=8)
-  loss = experiment.train_config(c, 8).loss
+  experiment_config.validate_pretrain_config(c, num_devices=8)
+  loss = experiment_config.train_config(c, 8).loss
   assert (loss.mask_same_class_negatives, loss.semantic_ramp_steps,
           loss.bn_stats_from_large_views_only) == (True, 50, True)
   c.semppl.semantic_ramp_steps = -1
   with pytest.raises(ValueError, match="config.semppl.semantic_ramp_steps"):
-    experiment.validate_config(c, num_devices=8)
+    experiment_config.validate_pretrain_config(c, num_devices=8)
   c.semppl.semantic_ramp_steps = 0
   del c.semppl["mask_same_class_negatives"]
   c.semppl.mask_same_class_negatives = 1
   with pytest.raises(ValueError, match="config.semppl.mask_same_class_negatives"):
-    experiment.validate_config(c, num_devices=8)
-  # Configs without the switches run DESIGN.md §2 as written.
+    experiment_config.validate_pretrain_config(c, num_devices=8)
+  # Configs without the switches run docs/design.md §2 as written.
   d = fashion_mnist.get_experiment_config(100)
   d.optimizer.warmup_steps = 10
   for field in ("mask_same_class_negatives", "semantic_ramp_steps",
                 "bn_stats_from_large_views_only"):
     if field in d.semppl:
       del d.semppl[field]
-  assert experiment.train_config(d, 8).loss == train.LossConfig(
+  assert experiment_config.train_config(d, 8).loss == train.LossConfig(
       knn_k=d.semppl.knn_k, num_semantic_positives=3, temperature=0.2, contrastive_weight=0.3,
       semantic_weight=0.2, invariance_weight=5.0, num_negatives=0)

@@ -6,6 +6,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 
 from semppl_jax.jaxline import compat as jaxline_compat
 
@@ -69,6 +70,7 @@ def test_install_restores_removed_names():
   np.testing.assert_array_equal(np.asarray(r), np.tile(np.arange(3), (len(devices), 1)))
 
 
+@pytest.mark.e2e
 def test_dummy_experiment_trains_through_jaxline_platform(tmp_path):
   script = tmp_path / "dummy_launch.py"
   script.write_text(_DUMMY_LAUNCHER)

@@ -17,8 +17,6 @@ from experiments import eval_imagenet  # noqa: E402
 from experiments import imagenet_r50  # noqa: E402
 from experiments import imagenet_r50_10pct  # noqa: E402
 from experiments import imagenet_r50_1pct  # noqa: E402
-from semppl_jax.jaxline import eval_experiment  # noqa: E402
-from semppl_jax.jaxline import experiment  # noqa: E402
 from semppl_jax.jaxline import experiment_config  # noqa: E402
 
 ALLOWED_SOURCES = {"paper", "ReLICv2", "BYOL", "our choice"}
@@ -61,7 +59,7 @@ def test_imagenet_pretrain_configs_match_their_provenance(module, percent):
   assert config.training_steps == c.training_steps == imagenet_r50.EPOCHS * (
       imagenet_r50.STEPS_PER_EPOCH)
   assert config.checkpoint_dir == f"runs/imagenet_r50_{percent}pct"
-  experiment.validate_config(c, num_devices=8)
+  experiment_config.validate_pretrain_config(c, num_devices=8)
 
 
 def test_imagenet_runs_design_k_not_the_demo_k():
@@ -97,7 +95,7 @@ def test_imagenet_eval_config_matches_its_provenance():
   required = experiment_config._EVAL_FIELDS  # pylint: disable=protected-access
   assert sorted(flatten(c)) == sorted(required)
   c.checkpoint.path = "/ckpts/semppl_r50_1pct.pkl"
-  eval_experiment.validate_config(c, num_devices=8)
+  experiment_config.validate_eval_config(c, num_devices=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +123,7 @@ def test_a_short_run_fits_its_step_counts_and_validates():
   for part in ("optimizer.warmup_steps 100 -> 2", "log_every_steps 25 -> 20",
                "evaluation.every_steps 200 -> 20", "save_checkpoint_interval 200 -> 20"):
     assert part in note, note
-  experiment.validate_config(c, num_devices=8)
+  experiment_config.validate_pretrain_config(c, num_devices=8)
 
 
 def test_fitting_keeps_fields_within_the_run_and_off_switches():
@@ -150,7 +148,7 @@ def test_smoke_preset_is_short_and_valid():
   assert config.training_steps == c.training_steps == 60
   assert config.checkpoint_dir == "runs/fashion_mnist_smoke"
   assert launch_config.fit_to_training_steps(config) == ""  # Already fits.
-  experiment.validate_config(c, num_devices=8)
+  experiment_config.validate_pretrain_config(c, num_devices=8)
   assert fashion_mnist.get_config().training_steps == 1000  # The demo is unchanged.
   with pytest.raises(ValueError, match="unknown preset"):
     fashion_mnist.get_config("smokey")

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from semppl_jax import checkpointing as ck
-from semppl_jax import encoder_sources
+from semppl_jax import encoders
 from semppl_jax.jaxline import eval_experiment as ev
 from semppl_jax.jaxline import compat as jaxline_compat
+from semppl_jax.jaxline import experiment_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -234,6 +235,7 @@ def linear_run(tmp_path_factory, pretrain_dir, jaxline_flags):
   return first, first_train_state, out.getvalue(), second, out2.getvalue()
 
 
+@pytest.mark.slow
 def test_linear_end_to_end_reports_named_metric(linear_run):
   first, _, out, _, _ = linear_run
   lines = _eval_lines(out, "linear")
@@ -245,6 +247,7 @@ def test_linear_end_to_end_reports_named_metric(linear_run):
   assert first.global_step == 2
 
 
+@pytest.mark.slow
 def test_linear_keeps_encoder_params_and_bn_state_exactly(linear_run, encoder):
   _, state, _, _, _ = linear_run
   _assert_trees_equal(state["encoder_params"], encoder[0])
@@ -252,6 +255,7 @@ def test_linear_keeps_encoder_params_and_bn_state_exactly(linear_run, encoder):
   assert "encoder" not in state["opt_state"]
 
 
+@pytest.mark.slow
 def test_linear_metric_matches_numpy_reference(linear_run):
   first, state, _, _, _ = linear_run
   experiment = first.experiment_module
@@ -267,6 +271,7 @@ def test_linear_metric_matches_numpy_reference(linear_run):
   assert mask.sum() == NUM_TEST
 
 
+@pytest.mark.slow
 def test_linear_resumes_from_its_checkpoint(linear_run):
   _, first_state, _, second, out2 = linear_run
   # The second launch restored step 2 and only evaluated: no training line, same head.
@@ -311,6 +316,7 @@ def test_fine_tune_changes_encoder_and_resumes_exactly(fine_tune, encoder):
   assert 0.0 <= results["fine_tune_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_knn_with_zero_steps_through_jaxline(tmp_path, jaxline_flags, capsys):
   config = _tiny_config("knn", 0)
   state = _run_jaxline(config, str(tmp_path), 0)
@@ -336,6 +342,7 @@ def test_knn_with_zero_steps_through_jaxline(tmp_path, jaxline_flags, capsys):
     assert results[f"knn_top1_k{k}"] == pytest.approx(ref, abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_launcher_runs_knn_on_a_pretraining_checkpoint(tmp_path, pretrain_dir):
   """experiments/launch.py with the Fashion-MNIST eval config and command-line overrides."""
   prefix = "--config.experiment_kwargs.config."
@@ -362,19 +369,19 @@ def test_launcher_runs_knn_on_a_pretraining_checkpoint(tmp_path, pretrain_dir):
 
 
 def test_load_pretrain_encoder_takes_encoder_modules_of_newest(pretrain_dir, encoder):
-  params, state, step = encoder_sources.load_pretrain_encoder(pretrain_dir)
+  params, state, step = encoders.load_pretrain_encoder(pretrain_dir)
   assert step == 123
   _assert_trees_equal(params, encoder[0])
   _assert_trees_equal(state, encoder[1])
   # A series directory or a single checkpoint directory work too.
-  p2, _, _ = encoder_sources.load_pretrain_encoder(os.path.join(pretrain_dir, "latest"))
+  p2, _, _ = encoders.load_pretrain_encoder(os.path.join(pretrain_dir, "latest"))
   _assert_trees_equal(p2, encoder[0])
 
 
 def test_encoder_modules_drops_heads():
   tree = {"tiny_res_net/~/initial_conv": 1, "projector/linear": 2, "predictor/linear_1": 3,
           "classifier": 4, "classifier_probe/linear": 5}
-  assert encoder_sources.encoder_modules(tree) == {"tiny_res_net/~/initial_conv": 1}
+  assert encoders.encoder_modules(tree) == {"tiny_res_net/~/initial_conv": 1}
 
 
 def test_mismatched_release_architecture_lists_differences(release_pkl):
@@ -404,12 +411,12 @@ def test_mismatched_pretrain_architecture_lists_differences(pretrain_dir):
 
 
 def test_missing_checkpoint_paths_raise(tmp_path):
-  with pytest.raises(ck.CheckpointError, match="config.checkpoint.path"):
-    encoder_sources.load_pretrain_encoder(str(tmp_path / "nope"))
+  with pytest.raises(ck.CheckpointError, match="is not a directory"):
+    encoders.load_pretrain_encoder(str(tmp_path / "nope"))
   with pytest.raises(ck.CheckpointError, match="no complete checkpoint"):
-    encoder_sources.load_pretrain_encoder(str(tmp_path))
+    encoders.load_pretrain_encoder(str(tmp_path))
   config = _tiny_config("knn", 0, source="release", path=str(tmp_path / "missing.pkl"))
-  with pytest.raises(ck.CheckpointError, match="does not exist"):
+  with pytest.raises(ck.CheckpointError, match="config.checkpoint.path: .* does not exist"):
     ev.EvalExperiment("train", jax.random.PRNGKey(0), config)
 
 
@@ -453,7 +460,7 @@ def test_bad_config_values_raise_naming_the_field(field, value, expected):
   config = _tiny_config("linear", 2, source="release", path="x.pkl")
   _set(config, field, value)
   with pytest.raises(ValueError) as info:
-    ev.validate_config(config, num_devices=8)
+    experiment_config.validate_eval_config(config, num_devices=8)
   assert str(info.value).startswith(f"config.{field}: ")
   assert expected in str(info.value)
 
@@ -464,7 +471,7 @@ def test_missing_fields_are_listed_and_constructor_validates_first():
   del config["augmentation"]
   with pytest.raises(ValueError, match=r"missing the field\(s\) augmentation\.crop_size, "
                      r"augmentation\.crop_scale, augmentation\.flip, evaluation\.knn_ks"):
-    ev.validate_config(config, num_devices=8)
+    experiment_config.validate_eval_config(config, num_devices=8)
   config = _tiny_config("knn", 0)
   config.protocol = "probe"
   with pytest.raises(ValueError, match="config.protocol: got 'probe'"):
@@ -474,23 +481,23 @@ def test_missing_fields_are_listed_and_constructor_validates_first():
 def test_config_files_validate_and_keep_protocols_apart():
   config = eval_fashion_mnist.get_config()
   assert config.experiment_class == "eval"
-  ev.validate_config(config.experiment_kwargs.config, num_devices=8)
+  experiment_config.validate_eval_config(config.experiment_kwargs.config, num_devices=8)
   assert config.checkpoint_dir == "runs/fashion_mnist_eval_fine_tune"
   config.experiment_kwargs.config.protocol = "linear"
   assert config.checkpoint_dir == "runs/fashion_mnist_eval_linear"
   config.training_steps = 0
   assert config.experiment_kwargs.config.training_steps == 0
   config.experiment_kwargs.config.protocol = "knn"
-  ev.validate_config(config.experiment_kwargs.config, num_devices=8)
+  experiment_config.validate_eval_config(config.experiment_kwargs.config, num_devices=8)
 
   config = eval_imagenet.get_config()
   c = config.experiment_kwargs.config
   assert (c.network.encoder, c.network.width_multiplier, c.augmentation.crop_size) == (
       "resnet50", 1, 224)
   with pytest.raises(ValueError, match="config.checkpoint.path: is required"):
-    ev.validate_config(c, num_devices=8)
+    experiment_config.validate_eval_config(c, num_devices=8)
   c.checkpoint.path = "/ckpts/semppl_r50_1pct.pkl"
-  ev.validate_config(c, num_devices=8)
+  experiment_config.validate_eval_config(c, num_devices=8)
   c.data.label_percent = 10
-  ev.validate_config(c, num_devices=8)
+  experiment_config.validate_eval_config(c, num_devices=8)
   assert "68.5" in eval_imagenet.__doc__ and "76.0" in eval_imagenet.__doc__

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from semppl_jax.jaxline import experiment
+from semppl_jax.jaxline import experiment_config
 
 from launch_util import ROOT
 from launch_util import final_module_state as _final_module_state
@@ -32,6 +33,7 @@ def _check_trained_and_evaluated(stdout, run_dir, steps):
   assert os.listdir(os.path.join(run_dir, "train"))  # TensorBoard event files.
 
 
+@pytest.mark.e2e
 def test_launcher_on_8_devices_trains_evaluates_and_checkpoints(tmp_path):
   stdout = _launch(tmp_path, 8)
   _check_trained_and_evaluated(stdout, tmp_path, 4)
@@ -83,11 +85,11 @@ def test_config_validation_names_field_and_allowed_values(field, value, message)
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=message):
-    experiment.validate_config(config, num_devices=8)
+    experiment_config.validate_pretrain_config(config, num_devices=8)
 
 
 def test_valid_tiny_config_passes_validation():
-  experiment.validate_config(_config(), num_devices=8)
+  experiment_config.validate_pretrain_config(_config(), num_devices=8)
 
 
 def test_labels_outside_num_classes_are_rejected():
@@ -104,6 +106,7 @@ def tiny_experiment():
   return experiment.Experiment("train", jax.random.PRNGKey(0), config)
 
 
+@pytest.mark.slow
 def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experiment):
   exp = tiny_experiment
   for step in range(3):  # Fill the queues so that pseudo-labels exist.
@@ -135,6 +138,37 @@ def test_hidden_labels_of_unlabelled_images_never_reach_the_update(tiny_experime
   np.testing.assert_allclose(sum(accuracies), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_run_trains_and_reports_window_means_and_train_state_round_trips(tiny_experiment):
+  """The public loop (``run``) and state (``train_state``) scripts use instead of privates."""
+  exp = tiny_experiment
+  logs = []
+  last = exp.run(6, on_log=lambda done, means: logs.append((done, means)), start=3, log_every=2)
+  assert [done for done, _ in logs] == [4, 6]
+  assert last == logs[-1][1] and np.isfinite(last["loss"]) and "queue_fill" in last
+  saved = jax.device_get(exp.train_state)
+  assert exp.run(6, start=6) == {}  # Nothing left to run.
+  exp.run(7, start=6)
+  exp.train_state = saved  # Placed again, with the experiment's shardings.
+  placed = exp.train_state
+  assert placed.queue.labels.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+  for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(placed)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_tiny_option_of_the_demo_config():
+  from experiments import fashion_mnist  # pylint: disable=g-import-not-at-top
+  config = fashion_mnist.get_config("tiny")
+  c = config.experiment_kwargs.config
+  assert config.training_steps == c.training_steps == 4  # One shared reference.
+  assert c.data.labelled_batch_size == 8 and c.views.large_size == 16 and c.queue.size == 64
+  experiment_config.validate_pretrain_config(c, num_devices=8)
+  assert fashion_mnist.get_config().training_steps == 1000  # The demo is untouched.
+  with pytest.raises(ValueError, match="allowed: 'tiny'"):
+    fashion_mnist.get_config("huge")
+
+
+@pytest.mark.slow
 def test_imagenet_data_path_trains_and_evaluates_on_mock_data():
   """The experiment's ImageNet branch (tf.data batches, tfds eval splits) on tfds mock data."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -80,6 +80,7 @@ def _tiny_configs(steps, log_every, run_dir):
   return config, c
 
 
+@pytest.mark.slow
 def test_training_loop_fetches_only_at_log_steps(device_to_host_guard, capsys, tmp_path):
   """Seven steps (compile step included) with log lines every 3 steps and a jaxline periodic
   action every 3 steps: any other fetch of metrics, state or batch raises HostFetchError."""
@@ -114,6 +115,7 @@ def test_training_loop_fetches_only_at_log_steps(device_to_host_guard, capsys, t
   assert [line.split()[2] for line in lines] == ["1/7", "3/7", "6/7", "7/7"]
 
 
+@pytest.mark.slow
 def test_next_batch_is_prefetched_while_the_step_runs(tmp_path):
   _, config = _tiny_configs(steps=3, log_every=10, run_dir=tmp_path)
   exp = experiment.Experiment("train", jax.random.PRNGKey(0), config)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semppl_jax.jaxline import experiment
+from semppl_jax.jaxline import experiment_config
 from semppl_jax import knn
 from semppl_jax import losses
 from semppl_jax import queue as queue_lib
@@ -143,9 +143,10 @@ def test_window_means_averages_device_scalars():
 
 def _tiny_train_config(num_labelled, num_unlabelled):
   c = tiny_fashion_mnist.get_config().experiment_kwargs.config
-  return summaries.summary_config(experiment.train_config(c, 1), num_labelled, num_unlabelled)
+  return summaries.summary_config(experiment_config.train_config(c, 1), num_labelled, num_unlabelled)
 
 
+@pytest.mark.slow
 def test_semantic_positives_recomputes_views_pseudo_labels_and_positives():
   nl, nu = 6, 4
   config = _tiny_train_config(nl, nu)
@@ -237,7 +238,7 @@ def test_new_config_fields_are_validated(field, value, message):
   with config.ignore_type():
     config[section][name] = value
   with pytest.raises(ValueError, match=message):
-    experiment.validate_config(config, num_devices=8)
+    experiment_config.validate_pretrain_config(config, num_devices=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +257,7 @@ def _events(directory):
   return found
 
 
+@pytest.mark.e2e
 def test_run_writes_image_summaries_periodic_evaluations_and_plots(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", SEMPPL_TEST_RUN_DIR=str(tmp_path))

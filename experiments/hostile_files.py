@@ -1,7 +1,7 @@
 """A corpus of hostile release "checkpoints": small files that declare huge or deep things.
 
-Shared by tests/checkpointing/test_unpickler.py (which asserts each is refused within a memory
-bound) and experiments/bench_hostile_files.py (which times them at full size). Each builder
+Shared by experiments/bench_hostile_files.py (which times them at full size) and
+tests/checkpointing/test_unpickler.py (which asserts each is refused within a memory bound). Each builder
 writes raw pickle opcodes, so every file is exactly the attack it is named after.
 """
 import pickle
