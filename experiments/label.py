@@ -126,6 +126,10 @@ def run(args: argparse.Namespace) -> Result:
       raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
   if not args.temperature > 0:
     raise ValueError(f"--temperature: must be > 0, got {args.temperature}")
+  for name in ("labels.csv", "examples_per_class.png"):
+    existing = os.path.join(args.output_dir, name)
+    if os.path.exists(existing) and not getattr(args, "overwrite", False):
+      raise ValueError(f"--output_dir: {existing} exists; pass --overwrite to replace it")
   mesh = parallel.make_mesh()
   if args.batch_size % mesh.shape["data"]:
     raise ValueError(f"--batch_size: {args.batch_size} is not a multiple of the "
@@ -151,10 +155,6 @@ def run(args: argparse.Namespace) -> Result:
   result = labelling.knn_labels(queries, bank, labelled.labels, k=args.k,
                                 num_classes=len(labelled.class_names), vote=args.vote,
                                 temperature=args.temperature)
-  for name in ("labels.csv", "examples_per_class.png"):
-    existing = os.path.join(args.output_dir, name)
-    if os.path.exists(existing) and not getattr(args, "overwrite", False):
-      raise ValueError(f"--output_dir: {existing} exists; pass --overwrite to replace it")
   os.makedirs(args.output_dir, exist_ok=True)
   csv_path = os.path.join(args.output_dir, "labels.csv")
   with_truth = bool(np.all(unlabelled.labels >= 0))

@@ -65,9 +65,10 @@ def test_a_bad_config_value_is_one_line_naming_the_flag(tmp_path, override, expe
   lines = _error_lines(out)
   assert len(lines) == 1 and lines[0].startswith(expected), lines
   assert "Traceback" not in out.stderr + out.stdout
-  # Checked before jaxline starts: no checkpoint or TensorBoard directory (the log file of the
-  # launch itself is set up first, so that jax's start-up lines go there).
-  assert set(os.listdir(tmp_path)) <= {"logs"}
+  # Checked before jaxline starts: no checkpoint or TensorBoard directory (the run directory's
+  # lock is taken before anything is written, and the log file of the launch itself is set up
+  # next, so that jax's start-up lines go there).
+  assert set(os.listdir(tmp_path)) <= {"logs", "run.lock"}
 
 
 def test_verbosity_shows_the_traceback(tmp_path):
