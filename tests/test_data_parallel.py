@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 from semppl_jax import compiled_cost
-from semppl_jax import evaluation
+from semppl_jax import encoders
 from semppl_jax import finetune
 from semppl_jax import losses
-from semppl_jax import networks
 from semppl_jax import parallel
 from semppl_jax import train
 
@@ -107,12 +106,14 @@ def train_costs():
   return out
 
 
+@pytest.mark.slow  # Compiles the step of every objective twice (about a minute).
 @pytest.mark.parametrize("objective", list(train.OBJECTIVES))
 def test_train_step_flops_scale_with_devices(train_costs, objective):
   one, many, _ = train_costs[objective]
   _assert_scales(one, many, f"train_step[{objective}]")
 
 
+@pytest.mark.slow  # Compiles the step of every objective twice (about a minute).
 @pytest.mark.parametrize("objective", list(train.OBJECTIVES))
 def test_train_step_gathers_no_images_or_activations(train_costs, objective):
   config = _train_config(objective)
@@ -127,6 +128,7 @@ def test_train_step_gathers_no_images_or_activations(train_costs, objective):
   _assert_gathers_at_most(many, bound, f"train_step[{objective}]")
 
 
+@pytest.mark.slow  # Compiles the step of every objective twice (about a minute).
 @pytest.mark.parametrize("objective", list(train.OBJECTIVES))
 def test_train_step_all_reduces_gradients(train_costs, objective):
   one, many, state = train_costs[objective]
@@ -170,40 +172,37 @@ def test_finetune_step_flops_scale_with_devices(protocol):
   _assert_gathers_at_most(many, _BATCH * width * 4, f"finetune.train_step[{protocol}]")
 
 
+def _embedder_cost(forward, weights, num_devices, image_size=None):
+  """Per-device cost of ``encoders.make_embedder`` (the programs both experiments and the
+  labelling CLI embed with) on the first ``num_devices`` devices."""
+  mesh = parallel.make_mesh(jax.devices()[:num_devices])
+  fn = encoders.make_embedder(forward, mesh, image_size=image_size)
+  with jax.set_mesh(mesh):
+    return compiled_cost.program_cost(fn.lower(weights, _images(_BATCH)).compile())
+
+
 def test_embedding_programs_flops_scale_with_devices():
-  """The evaluation experiment's embedding (encoder at inference on the resized image, linear
-  head) and the pre-training experiment's (online network + probe), as they compose them."""
-  enc = finetune.encoder(_NETWORK)
-  head = evaluation.linear_head(4)
-  params, enc_state = jax.eval_shape(
-      lambda: enc.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)), True))
-  width = networks.embedding_size(_NETWORK.encoder)
-  head_params = jax.eval_shape(lambda: head.init(jax.random.PRNGKey(0), jnp.zeros((1, width))))
-
-  def embed(encoder_params, encoder_state, head_params, images):
-    embedding, _ = enc.apply(encoder_params, encoder_state, None,
-                             evaluation.eval_view(images, 12), False)
-    return losses.l2_normalize(embedding), head.apply(head_params, None, embedding)
-
-  one, many = _both(embed, (params, enc_state, head_params, _images(_BATCH)),
-                    (_replicated,) * 3 + (_data,), (_data, _data))
-  _assert_scales(one, many, "evaluation embedding")
+  """The encoder alone (evaluation, labelling) and the pre-training experiment's forward
+  (online network + probe), each through ``encoders.make_embedder``."""
+  forward = encoders.encoder_forward(_NETWORK.encoder, small_images=True)
+  weights = jax.eval_shape(lambda: finetune.encoder(_NETWORK).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)), True))
+  one, many = (_embedder_cost(forward, weights, n, image_size=12) for n in (1, DEVICES))
+  _assert_scales(one, many, "encoder embedding")
   assert many.count("all-gather") == 0, many.collectives
 
   config = _train_config("semppl")
   nets = train.build_networks(config.network, config.num_classes)
   state = jax.eval_shape(lambda: train.init_train_state(config, jax.random.PRNGKey(0)))
 
-  def embed_online(params, net_state, probe_params, images):
-    from semppl_jax import augmentations  # pylint: disable=g-import-not-at-top
-    x = augmentations.normalize(evaluation.preprocess(images))
-    (embedding, _, prediction), _ = nets.online.apply(params, net_state, None, x, False)
+  def online_forward(weights, views):
+    params, net_state, probe_params = weights
+    (embedding, _, prediction), _ = nets.online.apply(params, net_state, None, views, False)
     return (losses.l2_normalize(embedding), losses.l2_normalize(prediction),
             nets.probe.apply(probe_params, None, embedding))
 
-  one, many = _both(embed_online, (state.online_params, state.online_state, state.probe_params,
-                                   _images(_BATCH)),
-                    (_replicated,) * 3 + (_data,), (_data, _data, _data))
+  weights = (state.online_params, state.online_state, state.probe_params)
+  one, many = (_embedder_cost(online_forward, weights, n) for n in (1, DEVICES))
   _assert_scales(one, many, "pre-training embedding")
   assert many.count("all-gather") == 0, many.collectives
 
