@@ -1,7 +1,7 @@
 """Expected SemPPL pre-training throughput on an accelerator slice, estimated from FLOPs.
 
-    python experiments/pod/throughput.py --config=1pct --accelerator=v4-32 --mfu=0.35
-    python experiments/pod/throughput.py --config=10pct --accelerator=v5e-64
+    python experiments/pod/throughput.py --split=1pct --accelerator=v4-32 --mfu=0.35
+    python experiments/pod/throughput.py --split=10pct --accelerator=v5e-64
 
 Model (a paper-and-pencil estimate; measure the real rate from the launcher's "steps/s"):
 
@@ -42,7 +42,8 @@ ACCELERATORS = {
     "a100x32": dict(chips=32, peak=312e12),  # 4 nodes x 8 A100 (dense bf16)
 }
 
-_CONFIG = flags.DEFINE_enum("config", "1pct", ["1pct", "10pct"], "ImageNet label split.")
+# Not --config: jaxline's launcher defines that flag, and both may share a process (tests).
+_CONFIG = flags.DEFINE_enum("split", "1pct", ["1pct", "10pct"], "ImageNet label split.")
 _ACCELERATOR = flags.DEFINE_enum("accelerator", "v4-32", list(ACCELERATORS), "The slice.")
 _MFU = flags.DEFINE_float("mfu", 0.35, "Assumed model FLOP utilisation in (0, 1].")
 

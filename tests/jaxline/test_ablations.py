@@ -97,7 +97,8 @@ def test_bn_statistics_from_large_views_only(state):
   nets = train.build_networks(config.network, NUM_CLASSES)
   k_views = jax.random.split(key, 3)[0]
   large, _ = train.make_views(config, _batch(), k_views, 1)
-  flat = augmentations.normalize(large.reshape((-1,) + large.shape[2:]))
+  # Batch-major, as the step flattens its views (train.forward).
+  flat = augmentations.normalize(jnp.swapaxes(large, 0, 1).reshape((-1,) + large.shape[2:]))
   _, large_only = nets.online.apply(state.online_params, state.online_state, None, flat, True)
   leaves = jax.tree_util.tree_leaves
   for got, want in zip(leaves(fwd.online_state), leaves(large_only)):

@@ -164,7 +164,7 @@ def test_tiny_option_of_the_demo_config():
   assert c.data.labelled_batch_size == 8 and c.views.large_size == 16 and c.queue.size == 64
   experiment_config.validate_pretrain_config(c, num_devices=8)
   assert fashion_mnist.get_config().training_steps == 1000  # The demo is untouched.
-  with pytest.raises(ValueError, match="allowed: 'tiny'"):
+  with pytest.raises(ValueError, match="unknown preset; known: '', 'smoke', 'tiny'"):
     fashion_mnist.get_config("huge")
 
 
