@@ -471,11 +471,11 @@ def train_run(args):
   def run():
     exp = experiment.Experiment("train", jax.random.PRNGKey(0), c)
     exp.step(global_step=0, rng=None)  # Compiles.
-    jax.block_until_ready(exp._train_state)  # pylint: disable=protected-access
+    jax.block_until_ready(exp.train_state)
     start = time.perf_counter()
     for step in range(1, args.train_steps):
       exp.step(global_step=step, rng=None)
-    jax.block_until_ready(exp._train_state)  # pylint: disable=protected-access
+    jax.block_until_ready(exp.train_state)
     return (args.train_steps - 1) / (time.perf_counter() - start)
 
   if args.imagenet_dir:

@@ -256,19 +256,12 @@ def eval_config(spec: RunSpec, protocol: str, split: str, checkpoint_path: str, 
   return c
 
 
-def _mean_window(window: List[Mapping[str, Any]]) -> Dict[str, float]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  fetched = jax.device_get(window)
-  keys = set().union(*(m.keys() for m in fetched)) if fetched else set()
-  return {k: float(np.mean([m[k] for m in fetched if k in m])) for k in sorted(keys)}
-
-
 def run_pretraining(spec: RunSpec, run_dir: str) -> Dict[str, Any]:
   """Pre-trains (resuming from ``run_dir``'s checkpoint) and returns curves + final monitors."""
   import jax  # pylint: disable=g-import-not-at-top
   from semppl_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from semppl_jax.jaxline import experiment  # pylint: disable=g-import-not-at-top
+  from semppl_jax.jaxline import summaries  # pylint: disable=g-import-not-at-top
 
   config = pretrain_config(spec)
   exp = experiment.Experiment("train", jax.random.PRNGKey(spec.seed), config)
@@ -291,7 +284,7 @@ def run_pretraining(spec: RunSpec, run_dir: str) -> Dict[str, Any]:
     step += 1
     state.global_step = step
     if step % spec.curve_every == 0 or step == spec.steps:
-      point = {"step": step, **_mean_window(window)}
+      point = {"step": step, **summaries.window_means(window)}
       window = []
       results = exp.evaluate(global_step=step, rng=None)
       point.update({k: float(v) for k, v in results.items() if k != "global_step"})
@@ -324,11 +317,10 @@ def _evaluate_protocol(spec: RunSpec, run_dir: str, protocol: str, steps: int,
     config = eval_config(spec, protocol, split, path, steps, encoder_lr, head_lr)
     exp = eval_experiment.EvalExperiment("train", jax.random.PRNGKey(spec.seed), config)
     if trained is None:
-      for step in range(steps if protocol != "knn" else 0):
-        exp.step(global_step=step, rng=None)
-      trained = exp._train_state  # pylint: disable=protected-access
+      exp.run(steps if protocol != "knn" else 0)
+      trained = exp.train_state
     else:
-      exp._train_state = trained  # pylint: disable=protected-access
+      exp.train_state = trained
     results = exp.evaluate(global_step=steps, rng=None)
     out[split] = {k: float(v) for k, v in results.items()}
   return out
