@@ -391,28 +391,27 @@ def series(history: Sequence[Mapping[str, float]], name: str):
 def plot_losses(history: Sequence[Mapping[str, float]]):
   """Loss terms over steps (log scale; terms that are always 0, e.g. relic's semantic ones, are
   left out)."""
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name in LOSS_TERMS:
-    steps, values = series(history, name)
-    if len(values) and np.any(values > 0):
-      ax.plot(steps, values, marker="." if len(values) < 20 else None, label=name)
-  ax.set(xlabel="step", ylabel="window mean (the console shows the step's value)",
-         title="loss terms (mean over each logging window)", yscale="log")
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  return fig
+  return _window_plot(history, LOSS_TERMS, lambda values: np.any(values > 0),
+                      ylabel="window mean (the console shows the step's value)",
+                      title="loss terms (mean over each logging window)", yscale="log")
 
 
 def plot_pseudo_labels(history: Sequence[Mapping[str, float]]):
   """Pseudo-label accuracy, semantic-positive purity and coverage over steps."""
+  return _window_plot(
+      history, PSEUDO_LABEL_MONITORS + ("queue_fill",), lambda values: True,
+      ylabel="window mean", ylim=(0, 1.02),
+      title="pseudo-labels (unlabelled images, hidden truth; mean over each logging window)")
+
+
+def _window_plot(history, names, keep, **axes):
+  """One line per metric of ``names`` that ``history`` holds and ``keep(values)`` accepts."""
   fig, ax = plt.subplots(figsize=(7, 4))
-  for name in PSEUDO_LABEL_MONITORS + ("queue_fill",):
+  for name in names:
     steps, values = series(history, name)
-    if len(values):
+    if len(values) and keep(values):
       ax.plot(steps, values, marker="." if len(values) < 20 else None, label=name)
-  ax.set(xlabel="step", ylabel="window mean", ylim=(0, 1.02),
-         title="pseudo-labels (unlabelled images, hidden truth; mean over each logging window)")
+  ax.set(xlabel="step", **axes)
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8)
   fig.tight_layout()
