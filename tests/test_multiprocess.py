@@ -174,12 +174,13 @@ def _assert_trees_equal(got, expected, what):
 # order. float32 addition is not associative, so the sums differ in their last bits from step 1,
 # and the updates carry that on (normalisations and LARS's trust ratios divide by norms). The
 # same code on one topology is deterministic: resuming on 2 x 2 is bit-identical (below), and so
-# is evaluating one set of parameters on either layout. Measured after 6 steps (train.py of
-# 43792cf): 142 of 181 leaves differ, by at most 3.7e-6 / 3.8e-6 in two runs (a BatchNorm offset
-# of size 0.86; queues 8.7e-7); integer leaves (queue labels, positions) are equal. The bound
-# below is ~5x that. How far the bits drift depends on the update: the step before that rewrite
-# had drifted 3.2e-4 after 4 steps, so re-measure (the test prints the worst leaf) when it changes.
-FLOAT_ATOL = 2e-5
+# is evaluating one set of parameters on either layout. Since the step is really data-parallel
+# (each device computes only its shard, so BatchNorm statistics and gradients are partial sums
+# reduced across devices and processes; BENCHMARKS "Data parallelism"), the drift after 6 steps
+# is 1.7e-4 (a first-layer BatchNorm offset, 0.0228 vs 0.0226); while every device computed the
+# whole batch it was 3.7e-6. Integer leaves (queue labels, positions) stay equal. The bound below
+# is ~6x the measured drift; re-measure (the test prints the worst leaf) when the update changes.
+FLOAT_ATOL = 1e-3
 
 
 @pytest.mark.e2e
