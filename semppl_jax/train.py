@@ -44,6 +44,7 @@ from semppl_jax import evaluation
 from semppl_jax import knn
 from semppl_jax import losses
 from semppl_jax import networks
+from semppl_jax import nonfinite_guard
 from semppl_jax import optim
 from semppl_jax import parallel
 from semppl_jax import queue as queue_lib
@@ -289,12 +290,12 @@ class TrainState(NamedTuple):
     opt_state: LARS state of the online parameters.
     probe_params / probe_opt_state: the linear probe ``classifier`` and its Adam state.
     queue: the ``L`` labelled-embedding queues ``[L, Q, D]``.
-    nonfinite_step: int32 [], the non-finite guard (see :func:`guard_nonfinite`): the number
+    nonfinite_step: int32 [], the non-finite guard (see ``nonfinite_guard.guard_nonfinite``): the number
       (1-based, as in the progress line ``step N/K``) of the first step whose update was
       refused because something was not finite; -1 while every step was finite. Once set, the
       state stays as it was before that step.
     nonfinite_check: int32 [], which check failed first at that step: an index into
-      :func:`nonfinite_check_names` of the step's metric names; -1 while none did.
+      ``nonfinite_guard.nonfinite_check_names`` of the step's metric names; -1 while none did.
 
   The two guard fields are not part of :meth:`to_dict` (nor of checkpoints): a state whose
   guard is set is never saved, so checkpoints from before and after the guard existed are
@@ -677,7 +678,7 @@ def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.A
     ``(new_state, metrics)``: metrics are float32 [] device scalars ('loss', the loss terms,
     probe and pseudo-label monitors, 'learning_rate', 'ema_decay'); nothing is fetched. If a
     metric or the updated state is not finite, ``new_state`` is ``state`` with its guard set
-    (:func:`guard_nonfinite`); callers check ``nonfinite_step`` when they fetch anyway.
+    (``nonfinite_guard.guard_nonfinite``); callers check ``nonfinite_step`` when they fetch anyway.
   """
   objective = OBJECTIVES[config.objective]
   grad_fn = jax.value_and_grad(objective_loss, argnums=(1, 2), has_aux=True)
@@ -707,70 +708,4 @@ def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.A
         target_state=fwd.target_state, queue=new_queue)
     metrics["ema_decay"] = decay
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-  return guard_nonfinite(state, new_state, metrics), metrics
-
-
-# ----------------------------------------------------------------------------------------------
-# The non-finite guard.
-# ----------------------------------------------------------------------------------------------
-
-# The state fields the guard checks after the step's metrics, in this order.
-GUARDED_STATE_FIELDS = ("online_params", "online_state", "opt_state", "probe_params",
-                        "probe_opt_state", "target_params", "target_state", "queue")
-_FIRST_CHECKS = ("loss", "grad_norm")
-
-
-def nonfinite_check_names(metric_names) -> Tuple[str, ...]:
-  """The guard's checks in the order they are reported; ``nonfinite_check`` indexes this.
-
-  Args:
-    metric_names: the keys of the step's metrics dict.
-
-  Returns:
-    'loss' and 'grad_norm' (when present), the other metric names sorted, then
-    :data:`GUARDED_STATE_FIELDS` (the updated state).
-  """
-  names = set(metric_names)
-  first = tuple(n for n in _FIRST_CHECKS if n in names)
-  return first + tuple(sorted(names - set(first))) + GUARDED_STATE_FIELDS
-
-
-def _all_finite(tree: PyTree) -> jax.Array:
-  """bool []: every floating-point leaf of ``tree`` is finite (integer leaves always are)."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
-def guard_nonfinite(state: TrainState, new_state: TrainState,
-                    metrics: Mapping[str, jax.Array]) -> TrainState:
-  """``new_state`` if every check of :func:`nonfinite_check_names` is finite, else ``state``.
-
-  On device, without a host sync: the refused update leaves ``state`` (step included) as it
-  was and records the step number (``state.step + 1``) in ``nonfinite_step`` and the first
-  failing check in ``nonfinite_check``. The guard is sticky: once set, later updates are
-  refused too, so the state is the last finite one until the host sees the flag and stops.
-
-  Args:
-    state: the state the step started from.
-    new_state: the updated state.
-    metrics: the step's metrics (float32 [] each).
-
-  Returns:
-    The state to keep.
-  """
-  names = nonfinite_check_names(metrics)
-  checked = dict(metrics, **{f: getattr(new_state, f) for f in GUARDED_STATE_FIELDS})
-  finite = jnp.stack([_all_finite(checked[n]) for n in names])  # bool [len(names)]
-  clear = state.nonfinite_step < 0
-  accept = clear & jnp.all(finite)
-  # One conditional, not a select per leaf: XLA fuses the scalar tail that computes ``accept``
-  # (every leaf's finiteness flag, the metrics' last scalar ops) into each leaf's select, so the
-  # program grew with leaves x checks and the ResNet-50 step (~1000 state leaves) did not finish
-  # compiling on CPU in 20 minutes. A conditional's predicate is computed once.
-  kept = jax.lax.cond(accept, lambda: new_state, lambda: state)
-  newly_bad = clear & ~jnp.all(finite)
-  first_bad = jnp.argmax(~finite).astype(jnp.int32)
-  return kept._replace(
-      nonfinite_step=jnp.where(newly_bad, state.step + 1, state.nonfinite_step).astype(jnp.int32),
-      nonfinite_check=jnp.where(newly_bad, first_bad, state.nonfinite_check).astype(jnp.int32))
+  return nonfinite_guard.guard_nonfinite(state, new_state, metrics), metrics

@@ -16,6 +16,7 @@ from semppl_jax import augmentations
 from semppl_jax import evaluation
 from semppl_jax import knn
 from semppl_jax import losses
+from semppl_jax import nonfinite_guard
 from semppl_jax import parallel
 from semppl_jax import queue as queue_lib
 from semppl_jax import semantic_positives
@@ -252,7 +253,7 @@ def test_nonfinite_batch_leaves_the_state_unchanged_and_sets_the_guard(state):
                        jax.tree_util.tree_map(jnp.asarray, _batch(30)), jax.random.PRNGKey(0))
   assert int(good.step) == 1 and int(good.nonfinite_step) == -1
   assert int(good.nonfinite_check) == -1
-  names = train.nonfinite_check_names(metrics)
+  names = nonfinite_guard.nonfinite_check_names(metrics)
   assert names[:2] == ("loss", "grad_norm") and names[-1] == "queue"
 
   nan_batch = dict(_batch(31), labelled_images=np.full((8, 16, 16, 1), np.nan, np.float32))
@@ -268,7 +269,7 @@ def test_nonfinite_batch_leaves_the_state_unchanged_and_sets_the_guard(state):
   if bad_metrics:
     assert failed == bad_metrics[0]
   else:
-    assert failed in train.GUARDED_STATE_FIELDS
+    assert failed in nonfinite_guard.GUARDED_STATE_FIELDS
   print(f"NaN pixels: first non-finite check {failed!r}, non-finite metrics {bad_metrics}")
 
   # Sticky: a finite batch afterwards does not resume training behind the host's back.
@@ -283,22 +284,22 @@ def test_nonfinite_batch_leaves_the_state_unchanged_and_sets_the_guard(state):
 def test_guard_names_the_first_nonfinite_metric_or_state_field(state):
   metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0),
              "augm_contrastive": jnp.float32(0.5)}
-  names = train.nonfinite_check_names(metrics)
-  assert names == ("loss", "grad_norm", "augm_contrastive") + train.GUARDED_STATE_FIELDS
+  names = nonfinite_guard.nonfinite_check_names(metrics)
+  assert names == ("loss", "grad_norm", "augm_contrastive") + nonfinite_guard.GUARDED_STATE_FIELDS
   new = state._replace(step=state.step + 1)
 
-  assert int(train.guard_nonfinite(state, new, metrics).step) == 1  # All finite: accepted.
+  assert int(nonfinite_guard.guard_nonfinite(state, new, metrics).step) == 1  # All finite: accepted.
   inf_params = dict(new.online_params)
   module = sorted(inf_params)[0]
   inf_params[module] = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf),
                                               inf_params[module])
-  kept = train.guard_nonfinite(state, new._replace(online_params=inf_params), metrics)
+  kept = nonfinite_guard.guard_nonfinite(state, new._replace(online_params=inf_params), metrics)
   _assert_same_state_but_guard(kept, state)
   assert int(kept.nonfinite_step) == 1
   assert names[int(kept.nonfinite_check)] == "online_params"
 
   bad_metrics = dict(metrics, grad_norm=jnp.float32(np.inf), augm_contrastive=jnp.float32(np.nan))
-  kept = train.guard_nonfinite(state, new, bad_metrics)
+  kept = nonfinite_guard.guard_nonfinite(state, new, bad_metrics)
   assert names[int(kept.nonfinite_check)] == "grad_norm"  # The first of the two, in order.
 
 

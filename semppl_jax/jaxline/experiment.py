@@ -21,6 +21,7 @@ from semppl_jax import evaluation
 from semppl_jax.jaxline import experiment_config
 from semppl_jax import knn
 from semppl_jax import losses
+from semppl_jax import nonfinite_guard
 from semppl_jax.jaxline import mesh_experiment
 from semppl_jax.jaxline import monitoring
 from semppl_jax import parallel
@@ -72,14 +73,14 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
 
   def _check_finite(self) -> None:
     """Raises ``FloatingPointError`` naming the step and the first non-finite check if the
-    train step's guard refused an update (``train.guard_nonfinite``); fetches two int32 [].
+    train step refused an update (``nonfinite_guard.guard_nonfinite``); fetches two int32 [].
     """
     with jax.transfer_guard_device_to_host("allow"):
       step, check = (int(x) for x in jax.device_get(
           (self._train_state.nonfinite_step, self._train_state.nonfinite_check)))
     if step < 0:
       return
-    names = train.nonfinite_check_names(self._recent[-1] if self._recent else ())
+    names = nonfinite_guard.nonfinite_check_names(self._recent[-1] if self._recent else ())
     what = names[check] if 0 <= check < len(names) else f"check #{check}"
     raise FloatingPointError(
         f"step {step}: non-finite {what} (optimizer.base_learning_rate="
