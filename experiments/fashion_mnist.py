@@ -125,6 +125,10 @@ def get_experiment_config(training_steps):
           # hand the loss hidden labels (at oracle_accuracy); never a SemPPL result.
           pseudo_labels="knn",
           oracle_accuracy=1.0,
+          # The kNN labeller's queries: 'prediction' (online) or 'target' (EMA projections);
+          # votes with less than min_vote_agreement of the L x L ballots give no label.
+          knn_query="prediction",
+          min_vote_agreement=0.0,
       ),
       optimizer=dict(
           # LARS moves each layer by lr * 1e-3 of its norm per step; a short run needs more than

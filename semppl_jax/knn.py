@@ -342,7 +342,8 @@ def check_queue(queue: Queue, dim: Optional[int] = None):
                      f"{jnp.shape(queue.embeddings)}")
 
 
-def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
+def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
+                  min_agreement: float = 0.0):
   """Pseudo-labels: majority over the kNN votes of every (online large view, queue) pair.
 
   For each image ``i``, each view ``j`` (``queries[j, i]``) and each queue ``l``, the vote is
@@ -364,11 +365,16 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
       ``Q`` on ``'data'`` under a mesh).
     k: neighbours per vote, ``>= 1``.
     num_classes: ``C >= 1``.
+    min_agreement: in ``[0, 1]``; an image whose winning label holds less than this share of
+      its valid votes gets ``-1`` (no pseudo-label). ``1.0`` keeps only unanimous images.
 
   Returns:
-    int32 ``[B]``: the combined vote (ties as above; ``-1`` only if every vote is ``-1``, e.g.
-    when all queues are empty).
+    int32 ``[B]``: the combined vote (ties as above; ``-1`` if every vote is ``-1``, e.g.
+    when all queues are empty, or if the winner's share of the votes is below
+    ``min_agreement``).
   """
+  if not 0.0 <= min_agreement <= 1.0:
+    raise ValueError(f"min_agreement must be in [0, 1], got {min_agreement}")
   if jnp.ndim(queries) != 3:
     raise ValueError(f"queries must have shape [L, B, D], got {jnp.shape(queries)}")
   num_views, batch, dim = jnp.shape(queries)
@@ -383,7 +389,14 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int):
   votes, strengths = _vote(top.labels, top.scores)  # [L_queue, L_view * B] each.
   # Ballot axis last, ordered queue-major then view: [B, L_queue * L_view].
   to_ballots = lambda x: x.reshape(-1, num_views, batch).reshape(-1, batch).T
-  return _vote(to_ballots(votes), to_ballots(strengths))[0]
+  ballots = to_ballots(votes)
+  winner = _vote(ballots, to_ballots(strengths))[0]
+  if min_agreement > 0.0:
+    # Integer comparison (agree >= min_agreement * valid) would round differently on devices.
+    agree = jnp.sum((ballots == winner[:, None]) & (ballots >= 0), axis=1).astype(jnp.float32)
+    valid = jnp.sum(ballots >= 0, axis=1).astype(jnp.float32)
+    winner = jnp.where(agree >= min_agreement * valid, winner, -1)
+  return winner
 
 
 def _norms(x, eps: float = 1e-12):

@@ -137,6 +137,14 @@ class LossConfig:
   # measure the objective, not the method.
   pseudo_labels: str = "knn"
   oracle_accuracy: float = 1.0
+  # What the kNN labeller queries the queues with: 'prediction' (the online predictions of the
+  # large views, as first built) or 'target' (their target projections: the queues' own space,
+  # from the slowly moving EMA network, so the semantic term cannot pull the query directly
+  # towards the class it was given; see BENCHMARKS.md "Semantic objective").
+  knn_query: str = "prediction"
+  # Unlabelled images whose winning kNN label holds less than this share of the L x L votes
+  # get no pseudo-label (and no semantic positives) this step; 0 keeps every vote.
+  min_vote_agreement: float = 0.0
 
   def __post_init__(self):
     if self.semantic_negatives not in losses.SEMANTIC_NEGATIVES:
@@ -147,9 +155,15 @@ class LossConfig:
                        f"{', '.join(PSEUDO_LABEL_SOURCES)}.")
     if not 0.0 <= self.oracle_accuracy <= 1.0:
       raise ValueError(f"oracle_accuracy: got {self.oracle_accuracy}, expected a value in [0, 1].")
+    if self.knn_query not in KNN_QUERIES:
+      raise ValueError(f"knn_query: got {self.knn_query!r}, allowed: {', '.join(KNN_QUERIES)}.")
+    if not 0.0 <= self.min_vote_agreement <= 1.0:
+      raise ValueError(f"min_vote_agreement: got {self.min_vote_agreement}, expected a value in "
+                       "[0, 1].")
 
 
 PSEUDO_LABEL_SOURCES = ("knn", "oracle", "noisy_oracle")
+KNN_QUERIES = ("prediction", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,7 +470,8 @@ class Forward(NamedTuple):
     online: float32 ``[L + S, B, D]`` l2-normalised online predictions (large views first).
     target: float32 ``[L, B, D]`` l2-normalised target projections (stop-gradient).
     target_state: the target BatchNorm state after the pass.
-    pseudo_labels: int32 ``[B]`` kNN votes from the queues before this step's enqueue.
+    pseudo_labels: int32 ``[B]`` kNN votes from the queues before this step's enqueue (queried
+      with ``online[:L]`` or ``target``, ``LossConfig.knn_query``; -1 = no label).
     labels_star: int32 ``[B]``, y*: true labels of labelled rows, else the pseudo-label (or
       the research oracle's label).
     semantic: float32 ``[L, N, B, D]`` drawn semantic positives (zeros without ``semantic``).
@@ -549,8 +564,10 @@ def forward(config: TrainConfig, online_params: PyTree, target_params: PyTree,
   target_proj = jax.lax.stop_gradient(losses.l2_normalize(unflat(target_proj, L)))
 
   # Pseudo-labels from the queues as they were before this step's enqueue.
-  pseudo = knn.pseudo_labels(jax.lax.stop_gradient(online[:L]), state.queue,
-                             k=config.loss.knn_k, num_classes=config.num_classes)
+  queries = online[:L] if config.loss.knn_query == "prediction" else target_proj
+  pseudo = knn.pseudo_labels(jax.lax.stop_gradient(queries), state.queue,
+                             k=config.loss.knn_k, num_classes=config.num_classes,
+                             min_agreement=config.loss.min_vote_agreement)
   labels_star = jnp.where(is_labelled, true_labels, pseudo)
   if config.loss.pseudo_labels != "knn":  # Research oracles: the kNN vote stays a monitor.
     labels_star = jnp.where(is_labelled, true_labels, oracle_labels(

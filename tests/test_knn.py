@@ -229,6 +229,29 @@ def test_pseudo_labels(mesh):
   np.testing.assert_array_equal(pseudo_fn(3)(queries, all_empty), -np.ones(batch))
 
 
+def test_pseudo_labels_min_agreement(mesh):
+  """Images whose winner holds less than the required share of the valid ballots get -1."""
+  rng = np.random.default_rng(7)
+  num_views, batch, size, dim = 2, 16, 32, 4
+  queries = rng.normal(size=(num_views, batch, dim)).astype(np.float32)
+  emb = rng.normal(size=(num_views, size, dim)).astype(np.float32)
+  lab = rng.integers(0, NUM_CLASSES, size=(num_views, size)).astype(np.int32)
+  q = queue_lib.Queue(jnp.asarray(emb), jnp.asarray(lab), jnp.zeros((), jnp.int32))
+  expected = ref_pseudo_labels(queries, emb, lab, 1, NUM_CLASSES)
+  # Reference share: the 1-NN vote of each (queue, view) pair is a ballot.
+  ballots = np.stack([ref_vote(queries[j], emb[l], lab[l], 1, NUM_CLASSES)
+                      for l in range(num_views) for j in range(num_views)], axis=1)
+  share = np.mean(ballots == expected[:, None], axis=1)
+  assert set(share) == {0.25, 0.5, 0.75, 1.0}  # Every level of agreement occurs.
+  for threshold in (0.0, 0.5, 0.75, 1.0):
+    fn = lambda x, q, t=threshold: knn.pseudo_labels(x, q, k=1, num_classes=NUM_CLASSES,
+                                                     min_agreement=t)
+    for got in sharded_vs_unsharded(mesh, fn, (queries, q), (None, queue_sharding(mesh))):
+      np.testing.assert_array_equal(got, np.where(share >= threshold, expected, -1))
+  with pytest.raises(ValueError, match=r"min_agreement must be in \[0, 1\], got 1.5"):
+    knn.pseudo_labels(queries, q, k=1, num_classes=NUM_CLASSES, min_agreement=1.5)
+
+
 @pytest.mark.slow
 def test_pseudo_labels_ties_across_votes(mesh):
   """L = 2: four votes per image, each the one entry of a queue that its query sees best.

@@ -339,6 +339,29 @@ def test_loss_config_refuses_unknown_switch_values():
     train.LossConfig(semantic_negatives="rows")
   with pytest.raises(ValueError, match=r"oracle_accuracy: got 1.5, expected a value in \[0, 1\]"):
     train.LossConfig(oracle_accuracy=1.5)
+  with pytest.raises(ValueError, match="knn_query: got 'embedding'"):
+    train.LossConfig(knn_query="embedding")
+  with pytest.raises(ValueError, match=r"min_vote_agreement: got 2.0, expected a value in"):
+    train.LossConfig(min_vote_agreement=2.0)
+
+
+def test_knn_query_switch_votes_with_the_target_projections(state):
+  """'target' labels unlabelled rows by the target projections' kNN vote: the forward's
+  pseudo-labels equal knn.pseudo_labels of its own target output (and differ from the
+  prediction query's vote on this random network)."""
+  results = {}
+  for query in ("prediction", "target"):
+    config = _config("semppl", knn_query=query)
+    s = state._replace(queue=_filled_queue(config))
+    batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
+    fwd = jax.jit(functools.partial(train.forward, config))(
+        s.online_params, s.target_params, s, batch, jax.random.PRNGKey(7))
+    source = fwd.online[:config.views.num_large] if query == "prediction" else fwd.target
+    expected = knn.pseudo_labels(source, s.queue, k=config.loss.knn_k,
+                                 num_classes=config.num_classes)
+    np.testing.assert_array_equal(fwd.pseudo_labels, expected)
+    results[query] = np.asarray(fwd.pseudo_labels)
+  assert np.any(results["prediction"] != results["target"])
 
 
 def test_oracle_hands_the_loss_the_hidden_labels(state):

@@ -85,13 +85,13 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
     rules.integer(config, "semppl.num_negatives", low=1, high=batch - 1)
   # Ablation switches (optional fields: configs without them run docs/design.md §2 as written).
   choices = {"semantic_negatives": losses.SEMANTIC_NEGATIVES,
-             "pseudo_labels": train.PSEUDO_LABEL_SOURCES}
+             "pseudo_labels": train.PSEUDO_LABEL_SOURCES, "knn_query": train.KNN_QUERIES}
   for field in _LOSS_SWITCHES:
     if field not in config.semppl:
       continue
     if field in choices:
       rules.one_of(config, f"semppl.{field}", choices[field])
-    elif field == "oracle_accuracy":
+    elif field in ("oracle_accuracy", "min_vote_agreement"):
       rules.number(config, f"semppl.{field}", 0.0, 1.0)
     elif field == "semantic_invariance_weight":
       if config.semppl[field] is not None:  # None: the invariance weight.
@@ -234,7 +234,8 @@ def check_memory_fits(config: config_dict.ConfigDict, *, num_devices: int,
 
 _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
                   "bn_stats_from_large_views_only", "semantic_negatives",
-                  "semantic_invariance_weight", "pseudo_labels", "oracle_accuracy")
+                  "semantic_invariance_weight", "pseudo_labels", "oracle_accuracy",
+                  "knn_query", "min_vote_agreement")
 _LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
 
 

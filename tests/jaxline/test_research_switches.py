@@ -24,6 +24,8 @@ def _config(**semppl):
     ("semantic_negatives", "rows", r"config.semppl.semantic_negatives: .*'rows'"),
     ("oracle_accuracy", 1.5, r"config.semppl.oracle_accuracy: .*1.5"),
     ("semantic_invariance_weight", -1.0, r"config.semppl.semantic_invariance_weight: .*-1"),
+    ("knn_query", "embedding", r"config.semppl.knn_query: .*'embedding'"),
+    ("min_vote_agreement", -0.5, r"config.semppl.min_vote_agreement: .*-0.5"),
 ])
 def test_bad_switch_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -40,9 +42,11 @@ def test_oracle_is_refused_for_data_without_hidden_labels():
 
 def test_switches_reach_the_typed_config_and_the_setup_line():
   c = _config(pseudo_labels="noisy_oracle", oracle_accuracy=0.55,
-              semantic_negatives="augmentation", semantic_invariance_weight=0.0)
+              semantic_negatives="augmentation", semantic_invariance_weight=0.0,
+              knn_query="target", min_vote_agreement=0.75)
   experiment_config.validate_pretrain_config(c, num_devices=1)
   t = experiment_config.train_config(c, 1)
+  assert (t.loss.knn_query, t.loss.min_vote_agreement) == ("target", 0.75)
   assert (t.loss.pseudo_labels, t.loss.oracle_accuracy) == ("noisy_oracle", 0.55)
   assert (t.loss.semantic_negatives, t.loss.semantic_invariance_weight) == ("augmentation", 0.0)
   assert "ORACLE pseudo-labels (noisy_oracle, accuracy 0.55)" in experiment._oracle_note(t)
