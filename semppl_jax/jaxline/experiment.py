@@ -118,16 +118,20 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     if self._embed is None:
       nets = self._nets
 
+      by_target = self._train_config.loss.knn_query == "target"
+
       def forward(weights, views):
-        params, state, probe_params = weights
-        (embedding, _, prediction), _ = nets.online.apply(params, state, None, views, False)
+        params, state, probe_params, target_params, target_state = weights
+        (embedding, _, query), _ = nets.online.apply(params, state, None, views, False)
+        if by_target:  # The labeller's query is the target projection (LossConfig.knn_query).
+          query, _ = nets.target.apply(target_params, target_state, None, views, False)
         logits = nets.probe.apply(probe_params, None, embedding)
-        return losses.l2_normalize(embedding), losses.l2_normalize(prediction), logits
+        return losses.l2_normalize(embedding), losses.l2_normalize(query), logits
 
       # Evaluation images at their own size (the data pipeline sized them).
       self._embed = encoders.make_embedder(forward, self._mesh)
     s = self._train_state
-    weights = (s.online_params, s.online_state, s.probe_params)
+    weights = (s.online_params, s.online_state, s.probe_params, s.target_params, s.target_state)
     fn = lambda images: self._embed(weights, images)
     return evaluation.embed_batches(fn, self._data.eval_batches(split), self._mesh,
                                     max_examples=max_examples)
@@ -138,7 +142,7 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     training monitors averaged over the last logging window."""
     del rng, writer
     c = self.config
-    (emb, pred, logits), labels, mask = self._embed_split("test")
+    (emb, query, logits), labels, mask = self._embed_split("test")
     (bank, _, _), bank_labels, bank_mask = self._embed_split("bank")
     results = {"probe_top1": evaluation.top1(jnp.argmax(logits, -1), labels, mask)}
     results.update(evaluation.knn_top1(
@@ -147,7 +151,8 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
         mesh=self._mesh))
     objective = train.OBJECTIVES[c.objective]
     if objective.contrastive:
-      queries = jnp.broadcast_to(pred, (c.views.num_large,) + pred.shape)
+      # The pseudo-labeller applied to test images, with its own query (semppl.knn_query).
+      queries = jnp.broadcast_to(query, (c.views.num_large,) + query.shape)
       with jax.set_mesh(self._mesh):
         pseudo = knn.pseudo_labels(queries, self._train_state.queue, k=c.semppl.knn_k,
                                    num_classes=c.data.num_classes)

@@ -156,6 +156,41 @@ def test_run_trains_and_reports_window_means_and_train_state_round_trips(tiny_ex
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow
+def test_queue_knn_monitor_queries_like_the_labeller():
+  """With semppl.knn_query='target' the evaluation's queue-kNN monitor votes with the target
+  projections of the test images, as the training labeller does."""
+  from semppl_jax import knn  # pylint: disable=g-import-not-at-top
+  from semppl_jax import losses  # pylint: disable=g-import-not-at-top
+  config = _config()
+  config.semppl.knn_query = "target"
+  exp = experiment.Experiment("train", jax.random.PRNGKey(0), config)
+  for step in range(2):
+    exp.step(global_step=step, rng=None)
+  results = exp.evaluate(global_step=2, rng=None)
+  state = exp.train_state
+  images, labels = [], []
+  for batch in exp._data.eval_batches("test"):  # pylint: disable=protected-access
+    images.append(np.asarray(batch["images"])[np.asarray(batch["mask"])])
+    labels.append(np.asarray(batch["labels"])[np.asarray(batch["mask"])])
+  images, labels = np.concatenate(images), np.concatenate(labels)
+  nets = exp._nets  # pylint: disable=protected-access
+  from semppl_jax import evaluation  # pylint: disable=g-import-not-at-top
+  views = evaluation.eval_view(jnp.asarray(images), images.shape[1])
+  proj, _ = nets.target.apply(state.target_params, state.target_state, None, views, False)
+  queries = jnp.broadcast_to(losses.l2_normalize(proj), (2,) + proj.shape)
+  pseudo = knn.pseudo_labels(jax.device_get(queries), jax.device_get(state.queue),
+                             k=config.semppl.knn_k, num_classes=config.data.num_classes)
+  np.testing.assert_allclose(results["queue_knn_top1"], np.mean(np.asarray(pseudo) == labels),
+                             atol=1e-6)
+  # The online predictions' vote scores differently here, so the check above can fail.
+  (_, _, pred), _ = nets.online.apply(state.online_params, state.online_state, None, views, False)
+  by_prediction = knn.pseudo_labels(
+      jnp.broadcast_to(losses.l2_normalize(pred), (2,) + pred.shape), jax.device_get(state.queue),
+      k=config.semppl.knn_k, num_classes=config.data.num_classes)
+  assert np.mean(np.asarray(by_prediction) == labels) != results["queue_knn_top1"]
+
+
 def test_tiny_option_of_the_demo_config():
   from experiments import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = fashion_mnist.get_config("tiny")
