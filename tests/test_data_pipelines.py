@@ -134,6 +134,65 @@ def test_multi_crop_check_rejects_bad_fields():
   for fields, match in ((dict(num_large=0), "num_large"), (dict(num_small=-1), "num_small"),
                         (dict(large_scale=(0.0, 1.0)), "large_scale"),
                         (dict(small_scale=(0.5,)), "small_scale"),
-                        (dict(max_attempts=0), "max_attempts")):
+                        (dict(max_attempts=0), "max_attempts"),
+                        (dict(antialias=1), "antialias")):
     with pytest.raises(ValueError, match=match):
       pipelines.MultiCrop(**fields).check()
+
+
+def _reference_views(image, seed, crops):
+  """Each view: its box from `crop_window` (tested above) with the per-view seeds, cut in
+  numpy, resized by `tf.image.resize` in float32, then rounded and clipped to [0, 255]."""
+  seeds = tf.random.experimental.stateless_split(tf.constant(seed, tf.int64),
+                                                 crops.num_large + crops.num_small)
+  views = []
+  for v in range(crops.num_large + crops.num_small):
+    large = v < crops.num_large
+    y, x, h, w = pipelines.crop_window(
+        tf.constant(image.shape[0]), tf.constant(image.shape[1]), seeds[v],
+        scale=crops.large_scale if large else crops.small_scale,
+        aspect_ratio_range=crops.aspect_ratio_range, max_attempts=crops.max_attempts).numpy()
+    size = crops.large_size if large else crops.small_size
+    out = tf.image.resize(image[y:y + h, x:x + w].astype(np.float32), [size, size],
+                          method="bicubic", antialias=crops.antialias).numpy()
+    views.append(np.clip(np.round(out), 0, 255).astype(np.uint8))
+  return np.stack(views[:crops.num_large]), np.stack(views[crops.num_large:])
+
+
+def test_multi_crop_views_are_the_resized_boxes_with_saturated_values():
+  # A 0/255 checkerboard: bicubic overshoots below 0 and above 255, so a view that wrapped
+  # instead of clipping would differ from the reference (and both extremes must appear).
+  yy, xx = np.mgrid[:60, :80]
+  image = np.repeat((((yy // 3 + xx // 3) % 2) * 255).astype(np.uint8)[..., None], 3, -1)
+  image[..., 1] = 255 - image[..., 1]
+  crops = pipelines.MultiCrop(2, 24, (0.1, 1.0), 2, 40, (0.05, 0.2)).check()
+  assert crops.antialias is False  # the default since issue #20 (BYOL/SimCLR's resize)
+  for antialias in (False, True):  # True: the pipeline before issue #20
+    crops = crops._replace(antialias=antialias)
+    large, small = pipelines.multi_crop_views(tf.constant(image), tf.constant([4, 2], tf.int64),
+                                              crops)
+    ref_large, ref_small = _reference_views(image, [4, 2], crops)
+    np.testing.assert_array_equal(large.numpy(), ref_large)
+    np.testing.assert_array_equal(small.numpy(), ref_small)
+    assert large.numpy().min() == 0 and large.numpy().max() == 255
+  # The switch is real: downsampling a 3-pixel checkerboard aliases without the filter.
+  aliased = pipelines.multi_crop_views(tf.constant(image), tf.constant([4, 2], tf.int64),
+                                       crops._replace(antialias=False))[0].numpy()
+  assert not np.array_equal(aliased, large.numpy())
+
+
+def test_resize_uint8_upsampling_ignores_antialias():
+  rng = np.random.default_rng(3)
+  for shape, size in (((7, 9, 3), 16), ((30, 40, 3), 96)):
+    image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    with_filter = pipelines.resize_uint8(image, size, antialias=True).numpy().astype(int)
+    plain = pipelines.resize_uint8(image, size, antialias=False).numpy().astype(int)
+    assert np.abs(with_filter - plain).max() <= 1
+  # Downsampling differs: the filter averages 1-pixel stripes to grey (away from the border,
+  # where the renormalised kernel is lopsided); the plain kernel samples them.
+  stripes = np.repeat((np.arange(64) % 2 * 255).astype(np.uint8)[None, :, None], 64, 0)
+  stripes = np.repeat(stripes, 3, -1)
+  grey = pipelines.resize_uint8(stripes, 20, antialias=True).numpy()[:, 2:-2]
+  assert np.abs(grey.astype(int) - 128).max() <= 2
+  plain = pipelines.resize_uint8(stripes, 20, antialias=False).numpy()[:, 2:-2]
+  assert np.abs(plain.astype(int) - 128).max() > 50

@@ -7,6 +7,9 @@ centred square when no box fits after `max_attempts` tries; only the box is then
 view's side. Cropping before any resize means off-centre content is seen and a small-scale crop
 keeps the pixels it covers (a 0.08-scale crop of a 500 px image is ~140 px, not the ~63 px it
 would be in a 224 px pre-resized copy). Flips and photometric augmentations stay on device.
+The resize is bicubic without antialiasing, as in the BYOL/SimCLR input pipelines: the
+antialiased one (`MultiCrop.antialias=True`, the behaviour before issue #20) costs ~2.8x the
+host CPU per image (BENCHMARKS.md, "Host input pipeline").
 
 Evaluation: decode, centred square (`central_fraction` of the shorter side), resize.
 
@@ -47,6 +50,10 @@ class MultiCrop(NamedTuple):
     small_scale: (low, high) area fraction for small views.
     aspect_ratio_range: (low, high) width / height of the boxes.
     max_attempts: boxes tried before falling back to the centred square.
+    antialias: resize a box that is larger than the view with an antialiasing (widened)
+      bicubic kernel. False (default): plain bicubic (Keys, a = -0.5, half-pixel centres),
+      as the BYOL/SimCLR pipelines; boxes smaller than the view are upsampled the same way
+      either way (up to float rounding: values within 1).
   """
   num_large: int = 4
   large_size: int = 224
@@ -56,6 +63,7 @@ class MultiCrop(NamedTuple):
   small_scale: tuple[float, float] = (0.08, 1.0)
   aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3)
   max_attempts: int = 10
+  antialias: bool = False
 
   def check(self) -> "MultiCrop":
     """Validates the fields; returns self with ranges as float tuples.
@@ -68,6 +76,8 @@ class MultiCrop(NamedTuple):
     checks.check_int("large_size", self.large_size, 1)
     checks.check_int("small_size", self.small_size, 1)
     checks.check_int("max_attempts", self.max_attempts, 1)
+    if not isinstance(self.antialias, bool):
+      raise ValueError(f"antialias must be a bool, got {self.antialias!r}")
     ranges = {}
     for name, upper in (("large_scale", 1.0), ("small_scale", 1.0),
                         ("aspect_ratio_range", None)):
@@ -118,10 +128,18 @@ def crop_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor, *,
                   tf.stack([begin[0], begin[1], size[0], size[1]]))
 
 
-def resize_uint8(image: tf.Tensor, size: int, method: str = "bicubic") -> tf.Tensor:
-  """Resizes an image `[H, W, 3]` (antialiased) to uint8 `[size, size, 3]`, rounded."""
+def resize_uint8(image: tf.Tensor, size: int, method: str = "bicubic",
+                 antialias: bool = True) -> tf.Tensor:
+  """Resizes an image `[H, W, 3]` to uint8 `[size, size, 3]`, rounded and clipped to [0, 255].
+
+  `antialias=True` widens the kernel by the downsampling factor; `antialias=False` samples
+  the plain `method` kernel at half-pixel centres. Upsampling is the same either way (values
+  within 1, float rounding).
+  """
+  # Cast first: TF's resize kernels are faster on float32 than on uint8 input (measured,
+  # experiments/bench_input.py).
   resized = tf.image.resize(tf.cast(image, tf.float32), [size, size], method=method,
-                            antialias=True)
+                            antialias=antialias)
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
@@ -137,7 +155,7 @@ def multi_crop_views(image: tf.Tensor, seed: tf.Tensor, crops: MultiCrop
   """The L large and S small random-resized crops of one decoded image.
 
   Every view's box is sampled from the full image (`crop_window`, independent seeds split
-  from `seed`) and only that box is resized (bicubic, antialiased).
+  from `seed`) and only that box is resized (bicubic; antialiased if `crops.antialias`).
 
   Args:
     image: uint8 `[H, W, 3]`, the full decoded image.
@@ -156,7 +174,7 @@ def multi_crop_views(image: tf.Tensor, seed: tf.Tensor, crops: MultiCrop
       y, x, h, w = tf.unstack(crop_window(shape[0], shape[1], seeds[v], scale=scale,
                                           aspect_ratio_range=crops.aspect_ratio_range,
                                           max_attempts=crops.max_attempts))
-      out.append(resize_uint8(image[y:y + h, x:x + w], size))
+      out.append(resize_uint8(image[y:y + h, x:x + w], size, antialias=crops.antialias))
     if not out:
       return tf.zeros([0, size, size, 3], tf.uint8)
     return tf.stack(out)
