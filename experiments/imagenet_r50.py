@@ -81,6 +81,9 @@ def provenance(label_percent: int) -> Tuple[Field, ...]:
       Field("views.blur_sigma_range", (0.1, 2.0), "BYOL", "Gaussian blur sigma"),
       Field("views.color_jitter_probability", 0.8, "BYOL", "colour jitter"),
       Field("views.grayscale_probability", 0.2, "BYOL", "grayscale"),
+      Field("views.antialias", False, "BYOL",
+            "host crops resized bicubic without antialiasing (~2.8x cheaper per image on the "
+            "host; BENCHMARKS.md, Host input pipeline)"),
       Field("network.encoder", "resnet50", "paper", "ResNet-50 headline numbers"),
       Field("network.width_multiplier", 1, "paper", "1x"),
       Field("network.small_images", False, "paper", "the standard ImageNet stem"),
@@ -148,7 +151,7 @@ def get_experiment_config(label_percent: int, training_steps: Any) -> config_dic
           num_large=4, num_small=2, large_size=224, small_size=96, large_scale=(0.08, 1.0),
           small_scale=(0.05, 0.14), blur_probability=(1.0, 0.1),
           solarize_probability=(0.0, 0.2), blur_sigma_range=(0.1, 2.0),
-          color_jitter_probability=0.8, grayscale_probability=0.2),
+          color_jitter_probability=0.8, grayscale_probability=0.2, antialias=False),
       network=dict(
           encoder="resnet50", width_multiplier=1, small_images=False, compute_dtype="bfloat16",
           remat="block", projector_hidden_size=4096, projection_size=256,

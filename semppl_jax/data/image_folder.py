@@ -417,7 +417,8 @@ def image_folder_semi_supervised(labelled_dir: str | ImageFolder,
                                  num_small: int = 2, small_size: int = 96,
                                  small_scale: tuple[float, float] = (0.08, 1.0),
                                  aspect_ratio_range: tuple[float, float] = (3 / 4, 4 / 3),
-                                 max_attempts: int = 10) -> tf.data.Dataset:
+                                 max_attempts: int = 10,
+                                 antialias: bool = False) -> tf.data.Dataset:
   """Endless semi-supervised batches of multi-crop views from image folders, for this host.
 
   The same code path as `imagenet.imagenet_semi_supervised`: every view is a random-resized
@@ -436,7 +437,8 @@ def image_folder_semi_supervised(labelled_dir: str | ImageFolder,
     start_step: global step to start from (exact resume: same images, same crops).
     shuffle_buffer: per-stream shuffle buffer; None = the whole shard (a full shuffle).
     num_large, large_size, large_scale, num_small, small_size, small_scale,
-      aspect_ratio_range, max_attempts: the views, as for `imagenet_semi_supervised`.
+      aspect_ratio_range, max_attempts, antialias: the views, as for
+      `imagenet_semi_supervised`.
 
   Returns:
     tf.data.Dataset of dicts `labelled_large` uint8 `[b_l, L, Hl, Hl, 3]`, `labelled_small`
@@ -448,7 +450,8 @@ def image_folder_semi_supervised(labelled_dir: str | ImageFolder,
     ValueError: naming a bad argument, folder or file.
   """
   crops = pipelines.MultiCrop(num_large, large_size, large_scale, num_small, small_size,
-                              small_scale, aspect_ratio_range, max_attempts).check()
+                              small_scale, aspect_ratio_range, max_attempts,
+                              antialias).check()
   checks.check_int("seed", seed, 0)
   checks.check_int("start_step", start_step, 0)
   host = pipelines.check_host_args(process_index=process_index, process_count=process_count,

@@ -24,6 +24,7 @@ class Views(NamedTuple):
   num_small: int = 0
   small_size: int = 1
   small_scale: Tuple[float, float] = (0.08, 1.0)
+  antialias: bool = False  # Smooth host crops before shrinking (pipelines.MultiCrop).
 
 
 class DataSource:
@@ -102,7 +103,8 @@ class DataSource:
                   unlabelled_batch_size=d.unlabelled_batch_size, seed=d.seed,
                   start_step=start_step, num_large=v.num_large, large_size=v.large_size,
                   large_scale=tuple(v.large_scale), num_small=v.num_small,
-                  small_size=v.small_size, small_scale=tuple(v.small_scale), **self._process)
+                  small_size=v.small_size, small_scale=tuple(v.small_scale),
+                  antialias=v.antialias, **self._process)
     if d.dataset == "imagenet":
       return data_lib.imagenet_semi_supervised(d.label_percent, data_dir=d.data_dir or None,
                                                **kwargs)

@@ -45,7 +45,8 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     v = config.views
     self._data = DataSource(config.data, config.evaluation, Views(
         num_large=v.num_large, large_size=v.large_size, large_scale=tuple(v.large_scale),
-        num_small=v.num_small, small_size=v.small_size, small_scale=tuple(v.small_scale)))
+        num_small=v.num_small, small_size=v.small_size, small_scale=tuple(v.small_scale),
+        antialias=v.get("antialias", False)))
     self._train_state = self._place(train.init_train_state(self._train_config, init_key))
     self._shardings = train.train_state_shardings(self._train_state, self._mesh)
     self._train_step = jax.jit(

@@ -63,6 +63,8 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
     for i in range(len(v[name])):
       rules.number({"views": {name: {str(i): v[name][i]}}}, f"views.{name}.{i}", 0.0, 1.0)
   rules.interval(config, "views.blur_sigma_range", 0.0, 100.0, low_open=True)
+  if "antialias" in v:  # Optional: host-cropped views only (ImageNet, image folders).
+    rules.boolean(config, "views.antialias")
 
   _check_encoder(config, min(sizes), max(sizes), largest_is=f"views of {max(sizes)} px",
                  smallest_is=f"{min(sizes)} px", inputs="views")

@@ -88,6 +88,14 @@ def test_config_validation_names_field_and_allowed_values(field, value, message)
     experiment_config.validate_pretrain_config(config, num_devices=8)
 
 
+def test_optional_antialias_field_is_checked():
+  config = _config()
+  with config.unlocked():
+    config.views.antialias = "yes"
+  with pytest.raises(ValueError, match="views.antialias: must be True or False, got 'yes'"):
+    experiment_config.validate_pretrain_config(config, num_devices=8)
+
+
 def test_valid_tiny_config_passes_validation():
   experiment_config.validate_pretrain_config(_config(), num_devices=8)
 
