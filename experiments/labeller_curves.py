@@ -66,9 +66,9 @@ def main(argv=None):
     ax.plot(steps, train, marker="o", color=f"C{i}", label=label)
     steps, held_out = read_curve(run_dir, HELD_OUT_METRIC)
     ax.plot(steps, held_out, ls="--", color=f"C{i}", alpha=0.6)
-  ax.set(xlabel="pre-training step",
-         ylabel="pseudo-labels correct (solid: unlabelled training views; dashed: held out)",
-         title=args.title)
+  ax.set(xlabel="pre-training step", ylabel="pseudo-labels correct",
+         title=f"{args.title}\nsolid: unlabelled training views, dashed: held-out queue-kNN")
+  ax.title.set_fontsize(9)
   ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
   ax.legend(fontsize=7)
   fig.tight_layout()
