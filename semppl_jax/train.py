@@ -495,6 +495,10 @@ def knn_in_step(config: TrainConfig) -> bool:
   return objective.contrastive and (objective.semantic or config.loss.knn_monitor_every == 1)
 
 
+# What knn_monitor reports (the step's kNN monitors when knn_in_step is False).
+KNN_MONITORS = ("pseudo_label_accuracy", "pseudo_label_coverage", "queue_fill")
+
+
 def _knn_monitors(fwd: "Forward", queue: queue_lib.Queue) -> Dict[str, jax.Array]:
   """'pseudo_label_accuracy' / 'pseudo_label_coverage' (unlabelled rows) and 'queue_fill'."""
   unlabelled, pseudo = ~fwd.is_labelled, fwd.pseudo_labels
