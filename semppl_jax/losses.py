@@ -295,10 +295,11 @@ def _pairwise_invariance(logits: jax.Array, exact_dot: bool = True) -> jax.Array
 
   Args:
     logits: float32 [V, B, M], the V anchor views' logits over the same candidates per row.
-    exact_dot: the cross term as a HIGHEST-precision dot (the original form); False: as a
-      float32 multiply-and-sum, which XLA fuses into one reduction (no [V, V, B, M] array) and
-      which stays float32 on every backend without a HIGHEST dot. Its V²·B·M products are few
-      next to the logits' V·B·M·D.
+    exact_dot: the cross term as a HIGHEST-precision dot (the original form); False: at HIGH
+      precision (three bf16 passes on TPU, ~1e-5 relative: a one-pass bf16 dot, ~4e-3, would
+      swamp the cancelling difference below). Its V²·B·M products are few next to the logits'
+      V·B·M·D, so HIGH costs little; a float32 multiply-and-sum instead was measured to write
+      a [V, V, B, M] block on XLA:CPU (BENCHMARKS.md, "Loss and kNN at scale").
 
   Returns:
     float32 [B]; zeros when V == 1.
@@ -312,10 +313,8 @@ def _pairwise_invariance(logits: jax.Array, exact_dot: bool = True) -> jax.Array
   # KL(p_b ‖ p_a) = Σ_m p_b log p_b − Σ_m p_b log p_a, both sums batched over all (a, b) at
   # O(V·B·M) memory; full precision because the difference cancels.
   neg_entropy = jnp.sum(p_ref * log_p_ref, axis=-1)                    # [V(b), B]
-  if exact_dot:
-    cross = jnp.einsum("bim,aim->bai", p_ref, log_p, precision=_PRECISION)  # [V(b), V(a), B]
-  else:  # A reduced-precision dot would lose the cancelling difference below.
-    cross = jnp.sum(p_ref[:, None] * log_p[None, :], axis=-1)
+  precision = _PRECISION if exact_dot else jax.lax.Precision.HIGH
+  cross = jnp.einsum("bim,aim->bai", p_ref, log_p, precision=precision)  # [V(b), V(a), B]
 
   kl = neg_entropy[:, None, :] - cross
   off_diagonal = ~jnp.eye(num_views, dtype=bool)[:, :, None]
@@ -498,8 +497,8 @@ def semppl_loss(
       (the backend's default: one bf16 pass on TPU, TF32 on GPU, float32 on CPU).
     matmul_dtype: float32, or bfloat16: the logits' matmuls take bf16 operands with float32
       accumulation (and run at the default precision whatever ``precision`` says). Everything
-      else (normalisation, softmax, KL) stays float32; the KL's cross term is then a float32
-      multiply-and-sum instead of a dot.
+      else (normalisation, softmax, KL) stays float32; the KL's cross term then runs at HIGH
+      precision (three bf16 passes on TPU; see ``_pairwise_invariance``).
 
   Returns:
     loss: float32 [] total.
@@ -522,6 +521,10 @@ def semppl_loss(
   target = jax.lax.stop_gradient(l2_normalize(target))
   semantic = jax.lax.stop_gradient(l2_normalize(semantic))
   semantic_valid = jnp.asarray(semantic_valid)
+  if jnp.dtype(matmul_dtype) != jnp.float32:
+    # Cast on each device's own rows: the rows it gathers from the others (every image is a
+    # candidate of every row) then travel in bf16, and the bits are those of the dots' cast.
+    target, semantic = target.astype(matmul_dtype), semantic.astype(matmul_dtype)
   if num_negatives is not None:
     augm_key, sem_key = jax.random.split(key)
     augm_keys = jax.random.split(augm_key, num_large)
