@@ -104,7 +104,7 @@ def get_experiment_config(training_steps):
           projection_size=128,
           predictor_hidden_size=512,
       ),
-      queue=dict(size=2560),
+      queue=dict(size=2560, dtype="float32"),  # 'bfloat16' halves the queues' memory
       semppl=dict(
           knn_k=1,  # docs/design.md §2; chosen over 5 on validation (BENCHMARKS.md, Study).
           num_semantic_positives=3,
@@ -129,6 +129,12 @@ def get_experiment_config(training_steps):
           # votes with less than min_vote_agreement of the L x L ballots give no label.
           knn_query="prediction",
           min_vote_agreement=0.0,
+          # Cost at scale (BENCHMARKS.md, "Loss and kNN at scale"): loss matmul precision
+          # ('auto': full float32 on CPU, the backend's default on accelerators), approximate
+          # kNN top-k (TPU only), and relic's monitor kNN every this many steps (1: in the step).
+          precision="auto",
+          knn_approximate=False,
+          knn_monitor_every=1,
       ),
       optimizer=dict(
           # LARS moves each layer by lr * 1e-3 of its norm per step; a short run needs more than

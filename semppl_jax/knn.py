@@ -106,11 +106,17 @@ def check_labels(labels, num_classes: int, *, name: str = "labels",
                      f"{values[bad].ravel()[:5].tolist()} (num_classes={num_classes})")
 
 
-def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_embeddings: bool):
+# Recall target of the approximate local top-k (``approximate=True``).
+APPROX_RECALL = 0.95
+
+
+def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_embeddings: bool,
+                 approximate: bool = False):
   """Top-k of every group over one block of slots.
 
   Shapes: keys ``[G, Ql, D]``, labels ``[G, Ql]``; ``offset`` is the global index of local slot
-  0. Returns (scores, labels, global indices, embeddings or None), each ``[G, R, min(k, Ql)]``
+  0. ``approximate``: ``lax.approx_max_k`` instead of ``lax.top_k`` (see
+  :func:`pseudo_labels`). Returns (scores, labels, global indices, embeddings or None), each ``[G, R, min(k, Ql)]``
   (embeddings ``[G, R, min(k, Ql), D]``).
   """
   num_groups, local_size, _ = keys.shape
@@ -120,7 +126,10 @@ def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_e
   def one_group(args):
     group, keys_g, labels_g = args
     scores = score_fn(shared, group, keys_g, labels_g, slots).astype(jnp.float32)
-    values, positions = lax.top_k(scores, local_k)
+    if approximate:
+      values, positions = lax.approx_max_k(scores, local_k, recall_target=APPROX_RECALL)
+    else:
+      values, positions = lax.top_k(scores, local_k)
     found = values > -jnp.inf
     out = (values,
            jnp.where(found, labels_g[positions], -1),
@@ -139,7 +148,7 @@ def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_e
 
 
 def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
-                   with_embeddings: bool) -> TopK:
+                   with_embeddings: bool, approximate: bool = False) -> TopK:
   """The one top-k primitive: per group, the k best-scoring entries of a (sharded) queue.
 
   Args:
@@ -151,6 +160,8 @@ def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
     labels: int ``[G, Q]`` entry labels.
     k: number of entries per row, ``>= 1`` (clamped to ``Q``).
     with_embeddings: also return the entries' embeddings.
+    approximate: each device's top-k over its own entries is ``lax.approx_max_k`` (the merge
+      stays exact).
 
   Returns:
     :class:`TopK` with leading ``[G, R]`` axes, replicated.
@@ -160,7 +171,7 @@ def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
   shards = ambient_data_axis_size()
   if shards == 1:
     values, labs, idx, emb = _local_top_k(score_fn, shared, keys, labels, 0, k_eff,
-                                          with_embeddings)
+                                          with_embeddings, approximate)
     return TopK(values, labs, idx, emb)
   if size % shards:
     raise ValueError(f"queue size Q={size} must be a multiple of the mesh's 'data' axis size "
@@ -171,7 +182,7 @@ def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
   def body(shared, keys, labels):
     me = lax.axis_index(DATA_AXIS)
     values, labs, idx, emb = _local_top_k(
-        score_fn, shared, keys, labels, me * local_size, k, with_embeddings)
+        score_fn, shared, keys, labels, me * local_size, k, with_embeddings, approximate)
     # Shard-major concatenation: among equal scores, candidates stay in global slot order.
     gather = lambda x: lax.all_gather(x, DATA_AXIS, axis=2, tiled=True)
     all_values, all_labels, all_idx = gather(values), gather(labs), gather(idx)
@@ -211,12 +222,18 @@ def _check_entries(queries, embeddings, labels, *, entries: str, labels_name: st
 
 
 def _dot_scores(num_classes: Optional[int]) -> ScoreFn:
-  """Dot-product scores; entries whose label is outside [0, num_classes) are excluded."""
+  """Dot-product scores; entries whose label is outside [0, num_classes) are excluded.
+
+  Scores are accumulated in float32. A bfloat16 queue is scored with bfloat16 queries (one
+  bf16 matmul, no float32 copy of the entries); float32 entries are scored as they are.
+  """
   def score_fn(queries, group, keys, labels, slots):
     del group, slots
     valid = labels >= 0
     if num_classes is not None:
       valid &= labels < num_classes
+    if keys.dtype == jnp.bfloat16:
+      queries = queries.astype(jnp.bfloat16)
     scores = jnp.einsum("rd,qd->rq", queries, keys, preferred_element_type=jnp.float32)
     return jnp.where(valid[None, :], scores, -jnp.inf)
   return score_fn
@@ -343,7 +360,7 @@ def check_queue(queue: Queue, dim: Optional[int] = None):
 
 
 def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
-                  min_agreement: float = 0.0):
+                  min_agreement: float = 0.0, approximate: bool = False):
   """Pseudo-labels: majority over the kNN votes of every (online large view, queue) pair.
 
   For each image ``i``, each view ``j`` (``queries[j, i]``) and each queue ``l``, the vote is
@@ -367,6 +384,13 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
     num_classes: ``C >= 1``.
     min_agreement: in ``[0, 1]``; an image whose winning label holds less than this share of
       its valid votes gets ``-1`` (no pseudo-label). ``1.0`` keeps only unanimous images.
+    approximate: each device's top-k over its queue shard is ``lax.approx_max_k`` (recall
+      target :data:`APPROX_RECALL`): on TPU a top-k fused with the scoring matmul, which never
+      writes the ``[L·B, Q / n]`` score block to memory. Not exact there (a missed neighbour
+      changes a vote), and ties are not broken by slot index, so sharded and unsharded calls
+      may differ where scores tie. On CPU and GPU ``approx_max_k`` computes the exact top-k
+      values (callers that want the exact path everywhere but on TPU pass
+      ``approximate=jax.default_backend() == 'tpu'``).
 
   Returns:
     int32 ``[B]``: the combined vote (ties as above; ``-1`` if every vote is ``-1``, e.g.
@@ -385,7 +409,8 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
     check_labels(queue.labels, num_classes, name="queue.labels")
   flat = jnp.asarray(queries).reshape(num_views * batch, dim)
   top = _sharded_top_k(_dot_scores(num_classes), flat, jnp.asarray(queue.embeddings),
-                       jnp.asarray(queue.labels, jnp.int32), k=k, with_embeddings=False)
+                       jnp.asarray(queue.labels, jnp.int32), k=k, with_embeddings=False,
+                       approximate=approximate)
   votes, strengths = _vote(top.labels, top.scores)  # [L_queue, L_view * B] each.
   # Ballot axis last, ordered queue-major then view: [B, L_queue * L_view].
   to_ballots = lambda x: x.reshape(-1, num_views, batch).reshape(-1, batch).T

@@ -26,9 +26,41 @@ import numpy as np
 # Finite stand-in for -inf (see the module docstring). Real logits are bounded by 1/temperature.
 MASKED_LOGIT = -1e9
 
-# Full float32 matmuls: TPUs default to bf16 passes and GPUs to TF32, which would perturb
-# the logits (and hence every loss value) by ~1e-3 relative.
+# Matmul precision of the loss (``precision=`` of the public functions). 'highest': full float32
+# matmuls (TPUs default to bf16 passes and GPUs to TF32, which would perturb the logits, and
+# hence every loss value, by ~1e-3 relative); on TPU each costs ~6 bf16 passes. 'default': the
+# backend's default (one bf16 pass on TPU, TF32 on GPU; exact float32 on CPU).
+PRECISIONS = ("highest", "default")
 _PRECISION = jax.lax.Precision.HIGHEST
+# Operand dtypes of the loss matmuls (``matmul_dtype=``): float32, or bfloat16 operands with
+# float32 accumulation (the compute dtype of a bfloat16 network).
+MATMUL_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _check_matmul(precision, matmul_dtype) -> None:
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+  if jnp.dtype(matmul_dtype) not in [jnp.dtype(d) for d in MATMUL_DTYPES]:
+    raise ValueError(f"matmul_dtype must be float32 or bfloat16, got {matmul_dtype!r}.")
+
+
+def _exact(precision, matmul_dtype) -> bool:
+  """Whether the loss matmuls run as full float32 (HIGHEST) dots: the original form."""
+  return precision == "highest" and jnp.dtype(matmul_dtype) == jnp.float32
+
+
+def _einsum(subscripts: str, a, b, precision: str, matmul_dtype) -> jax.Array:
+  """``einsum`` of float32 ``a`` and ``b`` as the loss runs it; float32 result.
+
+  'highest' with float32 operands is the original full-precision dot (bit for bit). Otherwise
+  the operands are cast to ``matmul_dtype`` and the dot runs at the backend's default precision
+  with float32 accumulation: bfloat16 operands are exact in one bf16 pass, so HIGHEST would
+  only add passes.
+  """
+  if _exact(precision, matmul_dtype):
+    return jnp.einsum(subscripts, a, b, precision=_PRECISION)
+  return jnp.einsum(subscripts, a.astype(matmul_dtype), b.astype(matmul_dtype),
+                    precision=jax.lax.Precision.DEFAULT, preferred_element_type=jnp.float32)
 
 
 def _check_temperature(temperature) -> None:
@@ -87,6 +119,8 @@ def contrastive_loss(
     temperature,
     column_mask: Optional[jax.Array] = None,
     pair_mask: Optional[jax.Array] = None,
+    precision: str = "highest",
+    matmul_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
   """Per-row cross-entropy of picking the own positive among all rows of ``positives``.
 
@@ -100,6 +134,8 @@ def contrastive_loss(
     pair_mask: optional bool [B, B]; False at (i, j) removes candidate j from row i's softmax
       only (e.g. negatives of the anchor's own class). The diagonal is ignored: a row's own
       positive always stays a candidate.
+    precision: 'highest' (full float32 matmul) or 'default' (the backend's default).
+    matmul_dtype: float32, or bfloat16 (operands cast to bf16, float32 accumulation).
 
   Returns:
     loss: float32 [B], ``-log softmax(logits)[i, i]`` (0 for rows with ``column_mask`` False).
@@ -115,10 +151,11 @@ def contrastive_loss(
   _check_temperature(temperature)
   _check_column_mask(column_mask, np.shape(anchors)[0])
   _check_pair_mask(pair_mask, np.shape(anchors)[0], np.shape(anchors)[0])
+  _check_matmul(precision, matmul_dtype)
 
   anchors = jnp.asarray(anchors, jnp.float32)
   positives = jnp.asarray(positives, jnp.float32)
-  logits = jnp.einsum("id,jd->ij", anchors, positives, precision=_PRECISION) / temperature
+  logits = _einsum("id,jd->ij", anchors, positives, precision, matmul_dtype) / temperature
   if column_mask is not None:
     logits = jnp.where(column_mask[None, :], logits, MASKED_LOGIT)
   if pair_mask is not None:
@@ -175,6 +212,8 @@ def sampled_contrastive_loss(
     temperature,
     column_mask: Optional[jax.Array] = None,
     pair_mask: Optional[jax.Array] = None,
+    precision: str = "highest",
+    matmul_dtype=jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`contrastive_loss` with a sampled set of negatives per row.
 
@@ -188,6 +227,7 @@ def sampled_contrastive_loss(
       invalid is masked out; a row whose own positive is invalid gets loss 0).
     pair_mask: optional bool [B, B]; as in :func:`contrastive_loss`: a sampled negative j of
       row i with ``pair_mask[i, j]`` False is masked out of row i's softmax.
+    precision, matmul_dtype: as in :func:`contrastive_loss`.
 
   Returns:
     loss: float32 [B], cross-entropy of picking candidate 0.
@@ -208,6 +248,7 @@ def sampled_contrastive_loss(
   _check_temperature(temperature)
   _check_column_mask(column_mask, batch)
   _check_pair_mask(pair_mask, batch, batch)
+  _check_matmul(precision, matmul_dtype)
 
   anchors = jnp.asarray(anchors, jnp.float32)
   positives = jnp.asarray(positives, jnp.float32)
@@ -215,7 +256,7 @@ def sampled_contrastive_loss(
       [jnp.arange(batch, dtype=jnp.int32)[:, None],
        jnp.asarray(negative_indices, jnp.int32)], axis=1)             # [B, 1 + K]
   candidates = positives[candidate_ids]                                # [B, 1 + K, D]
-  logits = jnp.einsum("id,ikd->ik", anchors, candidates, precision=_PRECISION) / temperature
+  logits = _einsum("id,ikd->ik", anchors, candidates, precision, matmul_dtype) / temperature
   if column_mask is not None:
     logits = jnp.where(column_mask[candidate_ids], logits, MASKED_LOGIT)
   if pair_mask is not None:
@@ -249,11 +290,16 @@ def invariance_loss(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
   return jnp.sum(jnp.exp(log_p_b) * (log_p_b - log_p_a), axis=-1)
 
 
-def _pairwise_invariance(logits: jax.Array) -> jax.Array:
+def _pairwise_invariance(logits: jax.Array, exact_dot: bool = True) -> jax.Array:
   """Mean over ordered pairs a != b of ``invariance_loss(logits[a], logits[b])``.
 
   Args:
     logits: float32 [V, B, M], the V anchor views' logits over the same candidates per row.
+    exact_dot: the cross term as a HIGHEST-precision dot (the original form); False: at HIGH
+      precision (three bf16 passes on TPU, ~1e-5 relative: a one-pass bf16 dot, ~4e-3, would
+      swamp the cancelling difference below). Its V²·B·M products are few next to the logits'
+      V·B·M·D, so HIGH costs little; a float32 multiply-and-sum instead was measured to write
+      a [V, V, B, M] block on XLA:CPU (BENCHMARKS.md, "Loss and kNN at scale").
 
   Returns:
     float32 [B]; zeros when V == 1.
@@ -267,14 +313,17 @@ def _pairwise_invariance(logits: jax.Array) -> jax.Array:
   # KL(p_b ‖ p_a) = Σ_m p_b log p_b − Σ_m p_b log p_a, both sums batched over all (a, b) at
   # O(V·B·M) memory; full precision because the difference cancels.
   neg_entropy = jnp.sum(p_ref * log_p_ref, axis=-1)                    # [V(b), B]
-  cross = jnp.einsum("bim,aim->bai", p_ref, log_p, precision=_PRECISION)  # [V(b), V(a), B]
+  precision = _PRECISION if exact_dot else jax.lax.Precision.HIGH
+  cross = jnp.einsum("bim,aim->bai", p_ref, log_p, precision=precision)  # [V(b), V(a), B]
+
   kl = neg_entropy[:, None, :] - cross
   off_diagonal = ~jnp.eye(num_views, dtype=bool)[:, :, None]
   return jnp.sum(jnp.where(off_diagonal, kl, 0.0), axis=(0, 1)) / (num_views * (num_views - 1))
 
 
 def _candidate_set_terms(online, candidates, negative_indices, temperature, *, column_mask=None,
-                         pair_mask=None, positives=None, row_mask=None):
+                         pair_mask=None, positives=None, row_mask=None, precision="highest",
+                         matmul_dtype=jnp.float32):
   """Contrastive, invariance and top-1 terms of all anchor views against one candidate set.
 
   Args:
@@ -289,27 +338,29 @@ def _candidate_set_terms(online, candidates, negative_indices, temperature, *, c
     positives: float32 [B, D] or None: row i's positive replaces candidate i in row i's
       softmax only (the other rows keep ``candidates[i]`` as a negative).
     row_mask: bool [B] or None: False zeroes that row's terms without removing its candidate.
+    precision, matmul_dtype: of the matmuls (see :func:`contrastive_loss`).
 
   Returns:
     (contrastive [V, B], invariance [B], top1 [V, B] float32); masked rows hold zeros.
   """
+  matmul = dict(precision=precision, matmul_dtype=matmul_dtype)
   if negative_indices is None:
     per_view = lambda anchors: contrastive_loss(
         anchors, candidates, temperature=temperature, column_mask=column_mask,
-        pair_mask=pair_mask)[1]
+        pair_mask=pair_mask, **matmul)[1]
     positive_column = jnp.arange(candidates.shape[0])
   else:
     per_view = lambda anchors: sampled_contrastive_loss(
         anchors, candidates, negative_indices, temperature=temperature,
-        column_mask=column_mask, pair_mask=pair_mask)[1]
+        column_mask=column_mask, pair_mask=pair_mask, **matmul)[1]
     positive_column = jnp.zeros(candidates.shape[0], jnp.int32)
   logits = jax.vmap(per_view)(online)                                  # [V, B, M]
   is_positive = positive_column[:, None] == jnp.arange(logits.shape[-1])[None, :]  # [B, M]
   if positives is not None:
-    own = jnp.einsum("vbd,bd->vb", online, positives, precision=_PRECISION) / temperature
+    own = _einsum("vbd,bd->vb", online, positives, precision, matmul_dtype) / temperature
     logits = jnp.where(is_positive[None], own[..., None], logits)
   contrastive = -jnp.sum(jnp.where(is_positive[None], jax.nn.log_softmax(logits, -1), 0.0), -1)
-  invariance = _pairwise_invariance(logits)
+  invariance = _pairwise_invariance(logits, exact_dot=_exact(precision, matmul_dtype))
   top1 = (jnp.argmax(logits, axis=-1) == positive_column[None, :]).astype(jnp.float32)
   for mask in (column_mask, row_mask):
     if mask is not None:
@@ -365,7 +416,7 @@ def _check_semppl_inputs(online, target, semantic, semantic_valid, temperature, 
 
 
 def _semantic_terms(online, target, semantic, semantic_valid, temperature, negatives_for,
-                    pair_mask, semantic_negatives):
+                    pair_mask, semantic_negatives, matmul):
   """Sums of the semantic contrastive, invariance and top-1 terms over every (l, s).
 
   ``negatives_for(l, s, valid)`` gives that candidate set's sampled negatives (or None).
@@ -381,11 +432,12 @@ def _semantic_terms(online, target, semantic, semantic_valid, temperature, negat
       valid = semantic_valid[l, s]
       if semantic_negatives == "semantic":
         terms = _candidate_set_terms(online, semantic[l, s], negatives_for(l, s, valid),
-                                     temperature, column_mask=valid, pair_mask=pair_mask)
+                                     temperature, column_mask=valid, pair_mask=pair_mask,
+                                     **matmul)
       else:
         terms = _candidate_set_terms(online, target[l], negatives_for(l, s, None), temperature,
                                      pair_mask=pair_mask, positives=semantic[l, s],
-                                     row_mask=valid)
+                                     row_mask=valid, **matmul)
       ce, inv, top1 = terms  # Invalid rows are already zero.
       ce_sum, inv_sum, top1_sum = ce_sum + jnp.sum(ce), inv_sum + jnp.sum(inv), top1_sum + jnp.sum(
           top1)
@@ -409,6 +461,8 @@ def semppl_loss(
     semantic_labels: Optional[jax.Array] = None,
     mask_same_class_negatives: bool = False,
     semantic_scale=1.0,
+    precision: str = "highest",
+    matmul_dtype=jnp.float32,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The SemPPL objective ``c·(L_augm + s·α·L_sem) + λ·I_augm + s·λ_sem·I_sem``.
 
@@ -439,6 +493,12 @@ def semppl_loss(
     mask_same_class_negatives: drop other rows of row i's (pseudo-)class from the semantic
       term's negatives. The augmentation term is unchanged.
     semantic_scale: scalar >= 0 (python or traced), e.g. a ramp; 1 = off.
+    precision: matmul precision, 'highest' (full float32, the reference numerics) or 'default'
+      (the backend's default: one bf16 pass on TPU, TF32 on GPU, float32 on CPU).
+    matmul_dtype: float32, or bfloat16: the logits' matmuls take bf16 operands with float32
+      accumulation (and run at the default precision whatever ``precision`` says). Everything
+      else (normalisation, softmax, KL) stays float32; the KL's cross term then runs at HIGH
+      precision (three bf16 passes on TPU; see ``_pairwise_invariance``).
 
   Returns:
     loss: float32 [] total.
@@ -451,6 +511,8 @@ def semppl_loss(
   num_views, batch, _, num_large, num_draws = _check_semppl_inputs(
       online, target, semantic, semantic_valid, temperature, num_negatives, key,
       semantic_labels, mask_same_class_negatives, semantic_negatives)
+  _check_matmul(precision, matmul_dtype)
+  matmul = dict(precision=precision, matmul_dtype=matmul_dtype)
   pair_mask = None
   if mask_same_class_negatives:
     labels = jnp.asarray(semantic_labels)
@@ -459,6 +521,10 @@ def semppl_loss(
   target = jax.lax.stop_gradient(l2_normalize(target))
   semantic = jax.lax.stop_gradient(l2_normalize(semantic))
   semantic_valid = jnp.asarray(semantic_valid)
+  if jnp.dtype(matmul_dtype) != jnp.float32:
+    # Cast on each device's own rows: the rows it gathers from the others (every image is a
+    # candidate of every row) then travel in bf16, and the bits are those of the dots' cast.
+    target, semantic = target.astype(matmul_dtype), semantic.astype(matmul_dtype)
   if num_negatives is not None:
     augm_key, sem_key = jax.random.split(key)
     augm_keys = jax.random.split(augm_key, num_large)
@@ -472,11 +538,11 @@ def semppl_loss(
 
   # Loops over the (few) candidate sets keep one [V, B, M] logits block live at a time.
   augm = [jax.tree.map(jnp.mean, _candidate_set_terms(online, target[l], negatives_for(
-      l, None, None), temperature)) for l in range(num_large)]
+      l, None, None), temperature, **matmul)) for l in range(num_large)]
   l_augm, i_augm, augm_top1 = (jnp.mean(jnp.stack(t)) for t in zip(*augm))
   ce_sum, inv_sum, top1_sum = _semantic_terms(online, target, semantic, semantic_valid,
                                               temperature, negatives_for, pair_mask,
-                                              semantic_negatives)
+                                              semantic_negatives, matmul)
   num_valid = jnp.sum(semantic_valid.astype(jnp.float32))
   # max(., 1): with no valid row every sum is 0, so each semantic term is 0, not NaN.
   denominator = jnp.maximum(num_valid, 1.0)

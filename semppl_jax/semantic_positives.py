@@ -140,14 +140,16 @@ def sample_semantic_positives(key, labels, queue: Queue, num_positives: int):
      ``u = jax.random.bits(key, (L, N, B), uint32)``, in exact integer arithmetic: the same
      numbers on every device and without a mesh;
   4. the device whose offset range holds ``r`` gathers its ``(r - offset)``-th local match; a
-     ``psum`` over the integer bit patterns of the ``[L, N, B, D]`` block, which exactly one
-     device fills, assembles the result.
+     sum over the integer bit patterns of the ``[L, N, B, D]`` block, which exactly one
+     device fills, assembles the result: a ``psum_scatter`` along ``B`` when ``B`` is a
+     multiple of the devices (each device receives only its own ``B / n`` rows, the batch's
+     sharding; the result is sharded along ``B``), else a ``psum`` (replicated result).
 
   So draw ``(l, n, i)`` returns the ``r``-th matching entry of queue ``l`` in global slot order,
   whatever the sharding: sharded and unsharded calls (eager or jitted) return identical bits.
   Per device the cost is a sort of ``L × Ql`` labels, ``O(L × B × log Ql)`` searches, an
-  ``[L, N, B, D]`` gather and ``psum`` and an all-gather of ``[L, B]`` counts: nothing grows
-  with ``B × Q``. Draws for different ``(l, n, i)`` are independent; draws of the same image
+  ``[L, N, B, D]`` gather and reduce-scatter (or ``psum``) and an all-gather of ``[L, B]``
+  counts: nothing grows with ``B × Q``. Draws for different ``(l, n, i)`` are independent; draws of the same image
   may repeat an entry (sampling with replacement). The relative deviation from uniform is below
   ``total / 2^32`` (step 3), negligible.
 
@@ -196,15 +198,21 @@ def sample_semantic_positives(key, labels, queue: Queue, num_positives: int):
     # Exactly one device sends each drawn entry, the others zeros. Summing the bit patterns as
     # integers keeps every bit (a float sum would turn -0.0 into 0.0).
     int_type = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[picked.dtype.itemsize]
-    bits = lax.psum(lax.bitcast_convert_type(picked, int_type), DATA_AXIS)
+    bits = lax.bitcast_convert_type(picked, int_type)
+    if scatter:  # Each device receives only its own rows of the batch.
+      bits = lax.psum_scatter(bits, DATA_AXIS, scatter_dimension=2, tiled=True)
+    else:
+      bits = lax.psum(bits, DATA_AXIS)
     valid = jnp.broadcast_to((total > 0)[:, None, :], rank.shape)
     return lax.bitcast_convert_type(bits, picked.dtype), valid
 
+  # The batch's own sharding: with B a multiple of the devices, device d's rows are block d.
+  scatter = targets.shape[0] % shards == 0
   slots = P(None, DATA_AXIS)
   return jax.shard_map(
       body,
       mesh=jax.sharding.get_abstract_mesh(),
       in_specs=(P(), P(), slots, slots),
-      out_specs=(P(), P()),
+      out_specs=(P(None, None, DATA_AXIS) if scatter else P(), P()),
       check_vma=False,
   )(key, targets, embeddings, queue_labels)

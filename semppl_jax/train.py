@@ -145,6 +145,17 @@ class LossConfig:
   # Unlabelled images whose winning kNN label holds less than this share of the L x L votes
   # get no pseudo-label (and no semantic positives) this step; 0 keeps every vote.
   min_vote_agreement: float = 0.0
+  # Matmul precision of the loss (losses.PRECISIONS): 'highest' (full float32, the reference
+  # numerics) or 'default' (the backend's; the jaxline glue's 'auto' picks it off CPU). With
+  # network.compute_dtype='bfloat16' the loss matmuls take bf16 operands either way.
+  precision: str = "highest"
+  # Each device's kNN top-k over its queue shard by lax.approx_max_k (on TPU: fused with the
+  # scoring matmul, approximate); False: the exact lax.top_k.
+  knn_approximate: bool = False
+  # Objectives whose kNN only feeds monitors (relic): 1 = the step runs it every step; m > 1 =
+  # the step skips it (its cost then does not grow with the queue) and the caller runs
+  # knn_monitor every m steps instead.
+  knn_monitor_every: int = 1
 
   def __post_init__(self):
     if self.semantic_negatives not in losses.SEMANTIC_NEGATIVES:
@@ -160,10 +171,16 @@ class LossConfig:
     if not 0.0 <= self.min_vote_agreement <= 1.0:
       raise ValueError(f"min_vote_agreement: got {self.min_vote_agreement}, expected a value in "
                        "[0, 1].")
+    if self.precision not in losses.PRECISIONS:
+      raise ValueError(f"precision: got {self.precision!r}, allowed: "
+                       f"{', '.join(losses.PRECISIONS)}.")
+    if not isinstance(self.knn_monitor_every, int) or self.knn_monitor_every < 1:
+      raise ValueError(f"knn_monitor_every: got {self.knn_monitor_every!r}, expected an int >= 1.")
 
 
 PSEUDO_LABEL_SOURCES = ("knn", "oracle", "noisy_oracle")
 KNN_QUERIES = ("prediction", "target")
+QUEUE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,6 +210,8 @@ class TrainConfig:
       mesh's 'data' size). It fixes the row order (each block's labelled rows, then its
       unlabelled rows), so a run on n devices and a run on one device with ``num_shards=n``
       compute the same thing.
+    queue_dtype: 'float32' or 'bfloat16', the queues' embedding dtype (bfloat16 halves their
+      memory and the kNN's reads; the kNN then scores in bf16 with float32 accumulation).
   """
   objective: str
   num_classes: int
@@ -201,6 +220,7 @@ class TrainConfig:
   queue_size: int
   training_steps: int
   num_shards: int = 1
+  queue_dtype: str = "float32"
   views: ViewConfig = ViewConfig()
   network: NetworkConfig = NetworkConfig()
   loss: LossConfig = LossConfig()
@@ -213,6 +233,9 @@ class TrainConfig:
       if getattr(self, name) % self.num_shards:
         raise ValueError(f"{name}: {getattr(self, name)} is not divisible by num_shards="
                          f"{self.num_shards}.")
+    if self.queue_dtype not in QUEUE_DTYPES:
+      raise ValueError(f"queue_dtype: got {self.queue_dtype!r}, allowed: "
+                       f"{', '.join(QUEUE_DTYPES)}.")
 
   @property
   def batch_size(self) -> int:
@@ -384,7 +407,7 @@ def init_train_state(config: TrainConfig, key: jax.Array) -> TrainState:
       probe_params=probe_params,
       probe_opt_state=probe_optimizer(config).init(probe_params),
       queue=queue_lib.init(config.views.num_large, config.queue_size,
-                           config.network.projection_size),
+                           config.network.projection_size, dtype=compute_dtype(config.queue_dtype)),
       nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_check=jnp.full((), -1, jnp.int32))
 
 
@@ -417,6 +440,85 @@ def labelled_rows(config: TrainConfig, num_shards: int) -> jax.Array:
   """int32 [B_l]: the rows of the interleaved batch that hold labelled images."""
   rows = jnp.arange(config.batch_size).reshape(num_shards, -1)
   return rows[:, : config.labelled_batch_size // num_shards].reshape(-1)
+
+
+def _unlabelled_part(x: jax.Array, config: TrainConfig, num_shards: int) -> jax.Array:
+  """``[L, B, ...]`` -> ``[L, B_u, ...]``: the unlabelled rows (each shard's last ``B_u / n``
+  rows of the interleaved batch), by a static slice per shard, so the batch stays sharded."""
+  x = einops.rearrange(x, "l (n b) ... -> l n b ...", n=num_shards)
+  x = x[:, :, config.labelled_batch_size // num_shards:]
+  return einops.rearrange(x, "l n b ... -> l (n b) ...")
+
+
+def _fill_labelled_rows(unlabelled: jax.Array, config: TrainConfig, num_shards: int,
+                        fill: int) -> jax.Array:
+  """``[B_u]`` -> ``[B]`` in the interleaved order: the unlabelled values in place, ``fill`` at
+  the labelled rows (the inverse of :func:`_unlabelled_part`)."""
+  u = einops.rearrange(unlabelled, "(n b) -> n b", n=num_shards)
+  lab = jnp.full((num_shards, config.labelled_batch_size // num_shards), fill, unlabelled.dtype)
+  return einops.rearrange(jnp.concatenate([lab, u], axis=1), "n b -> (n b)")
+
+
+def knn_pseudo_labels(config: TrainConfig, queries: jax.Array, queue: queue_lib.Queue
+                      ) -> jax.Array:
+  """The kNN labeller of the unlabelled rows (labelled rows use their own label instead).
+
+  Args:
+    config: the hyper-parameters (``loss.knn_k``, ``loss.min_vote_agreement``,
+      ``loss.knn_approximate``).
+    queries: float32 ``[L, B, D]`` l2-normalised queries in the interleaved row order.
+    queue: the queues before this step's enqueue.
+
+  Returns:
+    int32 ``[B]``: the pseudo-labels of the unlabelled rows (-1 = none), -1 at the labelled
+    rows, which are not queried.
+  """
+  n, lc = config.num_shards, config.loss
+  if not config.unlabelled_batch_size:
+    return jnp.full((config.batch_size,), -1, jnp.int32)
+  pseudo = knn.pseudo_labels(_unlabelled_part(jax.lax.stop_gradient(queries), config, n), queue,
+                             k=lc.knn_k, num_classes=config.num_classes,
+                             min_agreement=lc.min_vote_agreement,
+                             approximate=lc.knn_approximate)
+  return _fill_labelled_rows(pseudo, config, n, -1)
+
+
+def knn_in_step(config: TrainConfig) -> bool:
+  """Whether :func:`train_step` runs the kNN labeller (else :func:`knn_monitor` does).
+
+  The semantic objective needs its pseudo-labels every step. Objectives for which they are only
+  a monitor (relic) run them in the step when ``loss.knn_monitor_every == 1``; otherwise the
+  step reports no kNN monitors and the caller runs :func:`knn_monitor` every
+  ``knn_monitor_every`` steps, so the step's cost does not grow with the queue.
+  """
+  objective = OBJECTIVES[config.objective]
+  return objective.contrastive and (objective.semantic or config.loss.knn_monitor_every == 1)
+
+
+# What knn_monitor reports (the step's kNN monitors when knn_in_step is False).
+KNN_MONITORS = ("pseudo_label_accuracy", "pseudo_label_coverage", "queue_fill")
+
+
+def _knn_monitors(fwd: "Forward", queue: queue_lib.Queue) -> Dict[str, jax.Array]:
+  """'pseudo_label_accuracy' / 'pseudo_label_coverage' (unlabelled rows) and 'queue_fill'."""
+  unlabelled, pseudo = ~fwd.is_labelled, fwd.pseudo_labels
+  return {"pseudo_label_accuracy": _masked_mean(pseudo == fwd.true_labels,
+                                                unlabelled & (pseudo >= 0)),
+          "pseudo_label_coverage": _masked_mean(pseudo >= 0, unlabelled),
+          "queue_fill": queue_lib.fill_fraction(queue)}
+
+
+def knn_monitor(config: TrainConfig, state: "TrainState", batch: Mapping[str, jax.Array],
+                key: jax.Array) -> Dict[str, jax.Array]:
+  """The kNN monitors of a step that does not run them (``knn_in_step(config)`` False).
+
+  Called with the state, batch and key of :func:`train_step` (before the step), it repeats the
+  step's forward pass (training mode; nothing is updated) and returns exactly what the step
+  would have reported: 'pseudo_label_accuracy', 'pseudo_label_coverage' and 'queue_fill',
+  float32 []. Jit it with ``config`` static, like the step.
+  """
+  fwd = forward(config, state.online_params, state.target_params, state, batch, key)
+  return {k: jnp.asarray(v, jnp.float32) for k, v in _knn_monitors(fwd, state.queue).items()}
 
 
 def make_views(config: TrainConfig, batch: Mapping[str, jax.Array], key: jax.Array,
@@ -471,7 +573,9 @@ class Forward(NamedTuple):
     target: float32 ``[L, B, D]`` l2-normalised target projections (stop-gradient).
     target_state: the target BatchNorm state after the pass.
     pseudo_labels: int32 ``[B]`` kNN votes from the queues before this step's enqueue (queried
-      with ``online[:L]`` or ``target``, ``LossConfig.knn_query``; -1 = no label).
+      with ``online[:L]`` or ``target``, ``LossConfig.knn_query``; -1 = no label); only the
+      unlabelled rows are queried: -1 at the labelled rows, and everywhere when the pass ran
+      without the kNN (``knn=False``).
     labels_star: int32 ``[B]``, y*: true labels of labelled rows, else the pseudo-label (or
       the research oracle's label).
     semantic: float32 ``[L, N, B, D]`` drawn semantic positives (zeros without ``semantic``).
@@ -503,7 +607,7 @@ class _Forward(NamedTuple):
 
 def forward(config: TrainConfig, online_params: PyTree, target_params: PyTree,
             state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *,
-            is_training: bool = True) -> Forward:
+            is_training: bool = True, knn: bool = True) -> Forward:
   """The step's forward pass: views, networks, pseudo-labels and semantic positives.
 
   :func:`objective_loss` adds the probe and the loss to it; the image summaries call it in
@@ -519,6 +623,8 @@ def forward(config: TrainConfig, online_params: PyTree, target_params: PyTree,
     key: this step's PRNG key (split into views, semantic draws and negatives; the oracle
       uses ``fold_in(key, 3)``).
     is_training: BatchNorm mode.
+    knn: run the kNN labeller (False: every pseudo-label is -1, for objectives whose labels
+      only feed monitors, see :func:`knn_in_step`).
 
   Returns:
     A :class:`Forward`.
@@ -564,10 +670,12 @@ def forward(config: TrainConfig, online_params: PyTree, target_params: PyTree,
   target_proj = jax.lax.stop_gradient(losses.l2_normalize(unflat(target_proj, L)))
 
   # Pseudo-labels from the queues as they were before this step's enqueue.
-  queries = online[:L] if config.loss.knn_query == "prediction" else target_proj
-  pseudo = knn.pseudo_labels(jax.lax.stop_gradient(queries), state.queue,
-                             k=config.loss.knn_k, num_classes=config.num_classes,
-                             min_agreement=config.loss.min_vote_agreement)
+  # Only the unlabelled rows are queried: labelled rows take their own label below.
+  if knn:
+    queries = online[:L] if config.loss.knn_query == "prediction" else target_proj
+    pseudo = knn_pseudo_labels(config, queries, state.queue)
+  else:
+    pseudo = jnp.full((B,), -1, jnp.int32)
   labels_star = jnp.where(is_labelled, true_labels, pseudo)
   if config.loss.pseudo_labels != "knn":  # Research oracles: the kNN vote stays a monitor.
     labels_star = jnp.where(is_labelled, true_labels, oracle_labels(
@@ -608,7 +716,8 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   nets = build_networks(config.network, config.num_classes)
   L = config.views.num_large
   k_neg = jax.random.split(key, 3)[2]
-  fwd = forward(config, online_params, target_params, state, batch, key)
+  fwd = forward(config, online_params, target_params, state, batch, key,
+                knn=knn_in_step(config))
   lab_rows = labelled_rows(config, config.num_shards)
   true_labels = fwd.true_labels
 
@@ -625,9 +734,8 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
   if not objective.contrastive:
     return probe_ce, _Forward(metrics, fwd.online_state, None, None, true_labels)
 
-  online, target_proj, pseudo = fwd.online, fwd.target, fwd.pseudo_labels
+  online, target_proj = fwd.online, fwd.target
   labels_star, semantic, valid = fwd.labels_star, fwd.semantic, fwd.semantic_valid
-  is_labelled = fwd.is_labelled
   lc = config.loss
   semantic_scale = 1.0
   if lc.semantic_ramp_steps > 0:
@@ -639,20 +747,20 @@ def objective_loss(config: TrainConfig, online_params: PyTree, probe_params: PyT
       semantic_invariance_weight=lc.semantic_invariance_weight,
       semantic_negatives=lc.semantic_negatives, num_negatives=lc.num_negatives or None,
       key=k_neg if lc.num_negatives else None, semantic_labels=labels_star,
-      mask_same_class_negatives=lc.mask_same_class_negatives, semantic_scale=semantic_scale)
+      mask_same_class_negatives=lc.mask_same_class_negatives, semantic_scale=semantic_scale,
+      precision=lc.precision, matmul_dtype=compute_dtype(config.network.compute_dtype))
   metrics.update(loss_metrics)
   metrics["loss"] = loss + probe_ce
 
-  # Monitors. The hidden labels of unlabelled images are read here and nowhere else.
-  unlabelled = ~is_labelled
-  metrics["pseudo_label_accuracy"] = _masked_mean(pseudo == true_labels,
-                                                  unlabelled & (pseudo >= 0))
-  metrics["pseudo_label_coverage"] = _masked_mean(pseudo >= 0, unlabelled)
+  # Monitors. The hidden labels of unlabelled images are read here and in knn_monitor only.
+  knn_monitors = _knn_monitors(fwd, state.queue) if knn_in_step(config) else {}
+  metrics.update({k: v for k, v in knn_monitors.items() if k != "queue_fill"})
   if objective.semantic:
     # Drawn positives carry label y*_i by construction: pure exactly where y*_i is right.
     correct = jnp.broadcast_to(labels_star == true_labels, valid.shape)
     metrics["semantic_positive_purity"] = _masked_mean(correct, valid)
-  metrics["queue_fill"] = queue_lib.fill_fraction(state.queue)
+  if "queue_fill" in knn_monitors:
+    metrics["queue_fill"] = knn_monitors["queue_fill"]
   return loss + probe_ce, _Forward(metrics, fwd.online_state, fwd.target_state, target_proj,
                                    true_labels)
 

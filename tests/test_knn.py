@@ -252,6 +252,31 @@ def test_pseudo_labels_min_agreement(mesh):
     knn.pseudo_labels(queries, q, k=1, num_classes=NUM_CLASSES, min_agreement=1.5)
 
 
+def test_pseudo_labels_bfloat16_queue_and_approximate_top_k(mesh):
+  """A bfloat16 queue votes like the reference on the bf16-rounded queries and entries
+  (scored in bf16 with float32 accumulation; sharded == unsharded). approximate=True
+  (lax.approx_max_k) is exact on CPU: without tied scores it gives the exact votes."""
+  rng = np.random.default_rng(11)
+  num_views, batch, size, dim = 2, 16, 64, 8
+  queries = rng.normal(size=(num_views, batch, dim)).astype(np.float32)
+  emb = rng.normal(size=(num_views, size, dim)).astype(np.float32)
+  lab = rng.integers(-1, NUM_CLASSES, size=(num_views, size)).astype(np.int32)
+  for k in (1, 3):
+    q = queue_lib.Queue(jnp.asarray(emb), jnp.asarray(lab), jnp.zeros((), jnp.int32))
+    expected = ref_pseudo_labels(queries, emb, lab, k, NUM_CLASSES)
+    fn = lambda x, q, k=k: knn.pseudo_labels(x, q, k=k, num_classes=NUM_CLASSES,
+                                             approximate=True)
+    for got in sharded_vs_unsharded(mesh, fn, (queries, q), (None, queue_sharding(mesh))):
+      np.testing.assert_array_equal(got, expected)
+
+    bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+    q16 = q._replace(embeddings=jnp.asarray(emb, jnp.bfloat16))
+    expected16 = ref_pseudo_labels(bf16(queries), bf16(emb), lab, k, NUM_CLASSES)
+    fn = lambda x, q, k=k: knn.pseudo_labels(x, q, k=k, num_classes=NUM_CLASSES)
+    for got in sharded_vs_unsharded(mesh, fn, (queries, q16), (None, queue_sharding(mesh))):
+      np.testing.assert_array_equal(got, expected16)
+
+
 @pytest.mark.slow
 def test_pseudo_labels_ties_across_votes(mesh):
   """L = 2: four votes per image, each the one entry of a queue that its query sees best.

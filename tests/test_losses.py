@@ -593,3 +593,32 @@ def test_augmentation_negatives_with_sampled_negatives_and_masks(inputs):
                                                       key=jax.random.PRNGKey(3))
   for name in ("semantic_contrastive", "semantic_invariance", "loss"):
     np.testing.assert_allclose(sampled[name], full[name], rtol=1e-5, err_msg=name)
+
+
+def test_reduced_precision_matmuls_match_the_reference_on_rounded_operands(inputs):
+  """precision='default' is the reference on CPU (float32 dots there); matmul_dtype=bfloat16
+  (bf16 operands, float32 accumulation) stays within bf16 rounding (2^-8 relative on each
+  operand) of the float32 reference, term by term, and really rounds. Gradients reach the
+  online projections only."""
+  online, target, semantic, valid = inputs
+  ref = np_semppl(online, target, semantic, valid, temperature=TAU, **WEIGHTS)
+  _, aux = _loss_fn(temperature=TAU, precision="default", **WEIGHTS)(online, target, semantic,
+                                                                     valid)
+  for name, value in ref.items():
+    np.testing.assert_allclose(aux[name], value, rtol=2e-5, atol=2e-6, err_msg=name)
+
+  _, aux16 = _loss_fn(temperature=TAU, matmul_dtype=jnp.bfloat16, **WEIGHTS)(
+      online, target, semantic, valid)
+  for name, value in ref.items():
+    np.testing.assert_allclose(aux16[name], value, rtol=5e-3, atol=1e-3, err_msg=name)
+  assert abs(float(aux16["loss"]) - ref["loss"]) > 1e-6  # The rounding is real.
+
+  grads = jax.grad(lambda o, t: losses.semppl_loss(o, t, semantic, valid,
+                                                   matmul_dtype=jnp.bfloat16)[0],
+                   argnums=(0, 1))(jnp.asarray(online), jnp.asarray(target))
+  assert float(jnp.sum(jnp.abs(grads[0]))) > 0 and float(jnp.sum(jnp.abs(grads[1]))) == 0.0
+
+  with pytest.raises(ValueError, match="precision must be one of"):
+    losses.semppl_loss(online, target, semantic, valid, precision="high")
+  with pytest.raises(ValueError, match="matmul_dtype must be float32 or bfloat16"):
+    losses.contrastive_loss(online[0], target[0], temperature=TAU, matmul_dtype=jnp.float16)

@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from semppl_jax import compiled_cost
 from semppl_jax import queue as queue_lib
 from semppl_jax import semantic_positives as sp
 
@@ -184,6 +185,34 @@ def test_sharded_path_never_holds_a_queue_sized_buffer(mesh):
     compiled_sample = sample.lower(jax.random.key(0), spec((batch,), jnp.int32, P()),
                                    q_spec).compile()
   assert not re.search(rf"\[[0-9,]*\b{size}\b", compiled_sample.as_text())
+
+
+def test_sharded_sampler_sends_each_device_only_its_rows(mesh):
+  """Compiled per-device program: the [L, N, B, D] draws arrive by one reduce-scatter of the
+  device's own B / n rows (no all-reduce of the whole block); the result is sharded along B.
+  With B not a multiple of the devices the whole block is all-reduced (replicated result)."""
+  n = len(jax.devices())
+  size, dim, num_positives, num_queues = 64 * n, 16, 3, 2
+  spec = lambda shape, dtype, s: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, s))
+  sample = jax.jit(lambda key, y, q: sp.sample_semantic_positives(key, y, q, num_positives))
+  q_spec = queue_lib.Queue(spec((num_queues, size, dim), jnp.float32, P(None, "data")),
+                           spec((num_queues, size), jnp.int32, P(None, "data")),
+                           spec((), jnp.int32, P()))
+  for batch, scattered in ((4 * n, True), (4 * n + 1, False)):
+    with jax.set_mesh(mesh):
+      lowered = sample.lower(jax.random.key(0), spec((batch,), jnp.int32, P()), q_spec)
+      compiled = lowered.compile()
+    cost = compiled_cost.program_cost(compiled)
+    out_sharding = compiled.output_shardings[0]
+    full = num_queues * num_positives * batch * dim * 4
+    if scattered:
+      assert cost.count("reduce-scatter") == 1
+      assert cost.largest("reduce-scatter") == full // n
+      assert cost.largest("all-reduce") < full // n
+      assert out_sharding.spec == P(None, None, "data")
+    else:
+      assert cost.count("reduce-scatter") == 0
+      assert cost.largest("all-reduce") == full
 
 
 # ----------------------------------------------------------------------------- bad input

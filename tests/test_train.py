@@ -5,6 +5,7 @@ queue) is shared by every test; the step is compiled once per objective and layo
 """
 import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from semppl_jax import augmentations
+from semppl_jax import compiled_cost
 from semppl_jax import evaluation
 from semppl_jax import knn
 from semppl_jax import losses
@@ -343,6 +345,12 @@ def test_loss_config_refuses_unknown_switch_values():
     train.LossConfig(knn_query="embedding")
   with pytest.raises(ValueError, match=r"min_vote_agreement: got 2.0, expected a value in"):
     train.LossConfig(min_vote_agreement=2.0)
+  with pytest.raises(ValueError, match="precision: got 'high', allowed: highest, default"):
+    train.LossConfig(precision="high")
+  with pytest.raises(ValueError, match="knn_monitor_every: got 0, expected an int >= 1"):
+    train.LossConfig(knn_monitor_every=0)
+  with pytest.raises(ValueError, match="queue_dtype: got 'float16', allowed: float32, bfloat16"):
+    dataclasses.replace(_config(), queue_dtype="float16")
 
 
 def test_knn_query_switch_votes_with_the_target_projections(state):
@@ -359,7 +367,12 @@ def test_knn_query_switch_votes_with_the_target_projections(state):
     source = fwd.online[:config.views.num_large] if query == "prediction" else fwd.target
     expected = knn.pseudo_labels(source, s.queue, k=config.loss.knn_k,
                                  num_classes=config.num_classes)
-    np.testing.assert_array_equal(fwd.pseudo_labels, expected)
+    # Only the unlabelled rows are queried; the labelled rows (which use their own label) hold
+    # -1.
+    unlabelled = ~np.asarray(fwd.is_labelled)
+    np.testing.assert_array_equal(np.asarray(fwd.pseudo_labels)[unlabelled],
+                                  np.asarray(expected)[unlabelled])
+    assert (np.asarray(fwd.pseudo_labels)[~unlabelled] == -1).all()
     results[query] = np.asarray(fwd.pseudo_labels)
   assert np.any(results["prediction"] != results["target"])
 
@@ -375,3 +388,88 @@ def test_oracle_hands_the_loss_the_hidden_labels(state):
       jax.random.PRNGKey(7))
   assert float(fwd.metrics["semantic_positive_purity"]) == 1.0
   assert float(fwd.metrics["pseudo_label_accuracy"]) < 1.0  # The random network's kNN vote.
+
+
+# ----------------------------------------------------------------------------------------------
+# Cost at scale (issue #20): reduced-precision loss matmuls, the relic step's kNN monitor.
+# ----------------------------------------------------------------------------------------------
+
+def _highest_dot_shapes(compiled_text):
+  """Sorted result shapes of the dots that run at HIGHEST precision in optimised HLO."""
+  return sorted(re.search(r"=\s*(\S+)\s+(?:dot|convolution)\(", line).group(1)
+                for line in compiled_text.splitlines()
+                if re.search(r"\s(?:dot|convolution)\(", line)
+                and "operand_precision={highest" in line)
+
+
+def test_highest_dots_helper_sees_the_loss_matmuls():
+  """The HLO check below can fail: the float32 'highest' loss has HIGHEST dots, the bf16 and
+  'default' forms none."""
+  rng = np.random.RandomState(0)
+  args = (rng.randn(3, 8, 16), rng.randn(2, 8, 16), rng.randn(2, 2, 8, 16),
+          np.ones((2, 2, 8), bool))
+  text = lambda **kw: jax.jit(lambda *a: losses.semppl_loss(*a, **kw)[0]).lower(
+      *args).compile().as_text()
+  assert len(_highest_dot_shapes(text())) >= 3
+  assert not _highest_dot_shapes(text(matmul_dtype=jnp.bfloat16))
+  assert not _highest_dot_shapes(text(precision="default"))
+
+
+@pytest.mark.slow
+def test_bfloat16_step_has_no_highest_loss_dot_and_keeps_a_bfloat16_queue(state):
+  """compute_dtype='bfloat16': the only HIGHEST dots of the compiled step are the views' blur
+  (pixels, photometric.py), the same ones the compiled views program has; none comes from the
+  loss or the kNN. A bfloat16 queue stays bfloat16 through the step."""
+  config = dataclasses.replace(
+      _config("semppl"), queue_dtype="bfloat16",
+      network=dataclasses.replace(_config().network, compute_dtype="bfloat16"))
+  s = train.init_train_state(config, jax.random.PRNGKey(0))
+  assert s.queue.embeddings.dtype == jnp.bfloat16
+  s = s._replace(queue=_filled_queue(config)._replace(
+      embeddings=_filled_queue(config).embeddings.astype(jnp.bfloat16)))
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
+  key = jax.random.PRNGKey(0)
+  compiled = jax.jit(functools.partial(train.train_step, config)).lower(s, batch, key).compile()
+  k_views = jax.random.split(key, 3)[0]
+  views = jax.jit(lambda b, k: train.make_views(config, b, k, SHARDS)).lower(
+      batch, k_views).compile()
+  assert _highest_dot_shapes(compiled.as_text()) == _highest_dot_shapes(views.as_text())
+  new, metrics = compiled(s, batch, key)
+  assert new.queue.embeddings.dtype == jnp.bfloat16
+  assert int(new.nonfinite_step) == -1
+  assert 0.0 < float(metrics["semantic_valid_fraction"]) <= 1.0
+
+
+@pytest.mark.slow
+def test_relic_step_leaves_its_knn_monitor_to_knn_monitor(state):
+  """relic with knn_monitor_every > 1: the step's per-device FLOPs grow with the queue only by
+  elementwise bookkeeping (enqueue, the non-finite guard's check of the queue: a few FLOPs per
+  queue element), not by a kNN's 2 x L x (L x B_u) x D per slot; knn_monitor reports exactly
+  the monitors the in-step kNN (knn_monitor_every=1) reports."""
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
+  key = jax.random.PRNGKey(7)
+  flops = {}
+  for size in (64, 1024):
+    config = dataclasses.replace(_config("relic", knn_monitor_every=4), queue_size=size)
+    abstract = jax.eval_shape(lambda c=config: train.init_train_state(c, jax.random.PRNGKey(0)))
+    flops[size] = compiled_cost.program_cost(jax.jit(functools.partial(
+        train.train_step, config)).lower(abstract, batch, key).compile()).flops
+  L, B_u, D = 2, 8, 16
+  per_slot = (flops[1024] - flops[64]) / (1024 - 64)
+  assert 0 <= per_slot <= 4 * L * (D + 1), per_slot
+  assert per_slot < (2 * L * (L * B_u) * D) / 4  # Far below one kNN over the new slots.
+
+  config = _config("relic", knn_monitor_every=4)
+  assert not train.knn_in_step(config) and train.knn_in_step(_config("relic"))
+  assert train.knn_in_step(_config("semppl", knn_monitor_every=4))
+  s = state._replace(queue=_filled_queue(config))
+  _, fwd = jax.jit(functools.partial(train.objective_loss, config))(
+      s.online_params, s.probe_params, s.target_params, s, batch, key)
+  assert not {"pseudo_label_accuracy", "pseudo_label_coverage", "queue_fill"} & set(fwd.metrics)
+  monitors = jax.jit(functools.partial(train.knn_monitor, config))(s, batch, key)
+  _, in_step = jax.jit(functools.partial(train.objective_loss, _config("relic")))(
+      s.online_params, s.probe_params, s.target_params, s, batch, key)
+  assert set(monitors) == {"pseudo_label_accuracy", "pseudo_label_coverage", "queue_fill"}
+  for name, value in monitors.items():
+    assert float(value) == float(in_step.metrics[name]), name
+  assert float(monitors["pseudo_label_coverage"]) == 1.0  # A full queue labels every row.

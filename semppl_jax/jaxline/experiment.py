@@ -53,6 +53,14 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
         functools.partial(train.train_step, self._train_config),
         in_shardings=(self._shardings, parallel.data_sharding(self._mesh), None),
         out_shardings=(self._shardings, None), donate_argnums=(0,))
+    # Objectives whose kNN only feeds monitors (relic) run it every knn_monitor_every steps,
+    # outside the step (train.knn_in_step).
+    self._knn_monitor = None
+    if self._train_config.loss.knn_monitor_every > 1 and not train.knn_in_step(
+        self._train_config) and train.OBJECTIVES[config.objective].contrastive:
+      self._knn_monitor = jax.jit(
+          functools.partial(train.knn_monitor, self._train_config),
+          in_shardings=(self._shardings, parallel.data_sharding(self._mesh), None))
     self._embed = None
     c, t = config, self._train_config
     mesh_experiment.say(
@@ -81,7 +89,10 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
           (self._train_state.nonfinite_step, self._train_state.nonfinite_check)))
     if step < 0:
       return
-    names = nonfinite_guard.nonfinite_check_names(self._recent[-1] if self._recent else ())
+    last = self._recent[-1] if self._recent else {}
+    if self._knn_monitor is not None:  # Names of the step's own metrics only.
+      last = [k for k in last if k not in train.KNN_MONITORS]
+    names = nonfinite_guard.nonfinite_check_names(last)
     what = names[check] if 0 <= check < len(names) else f"check #{check}"
     raise FloatingPointError(
         f"step {step}: non-finite {what} (optimizer.base_learning_rate="
@@ -96,8 +107,13 @@ class Experiment(monitoring.TrainingMonitors, mesh_experiment.MeshExperiment):
     step = mesh_experiment.as_int(global_step)
     batch = self._global_batch(step)
     key = jax.random.fold_in(self._root_key, step)
+    monitors = {}
     with jax.set_mesh(self._mesh):
+      if self._knn_monitor is not None and step % self._train_config.loss.knn_monitor_every == 0:
+        # Before the step, which donates the state: the monitors of this step's own state.
+        monitors = self._knn_monitor(self._train_state, batch, key)
       self._train_state, metrics = self._train_step(self._train_state, batch, key)
+    metrics = dict(metrics, **monitors)
     # Device prefetch: the call above only dispatched step k, so step k + 1's batch is read and
     # its (asynchronous) transfer started while step k runs.
     if step + 1 < self.config.training_steps:

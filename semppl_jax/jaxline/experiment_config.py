@@ -95,6 +95,8 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
       rules.one_of(config, f"semppl.{field}", choices[field])
     elif field in ("oracle_accuracy", "min_vote_agreement"):
       rules.number(config, f"semppl.{field}", 0.0, 1.0)
+    elif field == "knn_monitor_every":
+      rules.integer(config, f"semppl.{field}", low=1)
     elif field == "semantic_invariance_weight":
       if config.semppl[field] is not None:  # None: the invariance weight.
         rules.number(config, f"semppl.{field}", 0.0)
@@ -102,6 +104,11 @@ def validate_pretrain_config(config: config_dict.ConfigDict, *, num_devices: int
       rules.boolean(config, f"semppl.{field}")
     else:
       rules.integer(config, f"semppl.{field}", low=0)
+  # Cost switches (issue #20; optional, defaults: float32 queue, exact top-k, 'auto' precision).
+  if "precision" in config.semppl:
+    rules.one_of(config, "semppl.precision", PRECISION_CHOICES)
+  if "dtype" in config.queue:
+    rules.one_of(config, "queue.dtype", train.QUEUE_DTYPES)
   if config.semppl.get("pseudo_labels", "knn") != "knn" and config.data.dataset == "image_folder":
     rules.fail("semppl.pseudo_labels", f"{config.semppl.pseudo_labels!r} reads the hidden labels "
                "of the unlabelled images, and image_folder data has none; use 'knn'.")
@@ -159,9 +166,9 @@ def _device_memory_bytes() -> tuple[int, str] | None:
 def memory_estimate(config: config_dict.ConfigDict, num_devices: int) -> dict[str, int]:
   """A lower bound of the bytes per device a pre-training step holds, by part.
 
-  Parts: ``queue`` (L queues of ``queue.size`` entries of ``projection_size`` float32 +
-  int32 label, sharded over devices, and the kNN scores of the global batch against the
-  device's shard, B float32 per entry), ``parameters`` (encoder, projector, predictor and
+  Parts: ``queue`` (L queues of ``queue.size`` entries of ``projection_size`` values in
+  ``queue.dtype`` + int32 label, sharded over devices, and the kNN scores of the global
+  unlabelled batch against the device's shard, B_u float32 per entry), ``parameters`` (encoder, projector, predictor and
   probe, float32, replicated, x5: online, target, momentum, gradients, update), ``logits``
   (the contrastive and semantic similarity matrices of this device's rows against the global
   batch, forward and backward: (L+S) x L x (1 + N_sp) x B/n x B float32, x2), ``views``
@@ -183,7 +190,9 @@ def memory_estimate(config: config_dict.ConfigDict, num_devices: int) -> dict[st
   semantic = c.semppl.num_semantic_positives if c.objective == "semppl" else 0
   pixels = large * c.views.large_size ** 2 + small * c.views.small_size ** 2
   return {
-      "queue": -(-large * c.queue.size // n) * (proj * _F32 + 4 + _F32 * batch),
+      "queue": -(-large * c.queue.size // n) * (
+          proj * (2 if c.queue.get("dtype", "float32") == "bfloat16" else _F32) + 4
+          + _F32 * c.data.unlabelled_batch_size),
       "parameters": _PARAM_COPIES * _F32 * (encoder + heads + probe),
       "logits": 2 * _F32 * (large + small) * large * (1 + semantic) * -(-batch // n) * batch,
       "views": _F32 * 3 * pixels * -(-batch // n),
@@ -237,8 +246,20 @@ def check_memory_fits(config: config_dict.ConfigDict, *, num_devices: int,
 _LOSS_SWITCHES = ("mask_same_class_negatives", "semantic_ramp_steps",
                   "bn_stats_from_large_views_only", "semantic_negatives",
                   "semantic_invariance_weight", "pseudo_labels", "oracle_accuracy",
-                  "knn_query", "min_vote_agreement")
+                  "knn_query", "min_vote_agreement", "knn_approximate", "knn_monitor_every")
 _LOSS_SWITCH_DEFAULTS = {f: getattr(train.LossConfig(), f) for f in _LOSS_SWITCHES}
+
+
+# semppl.precision: the loss matmuls' precision; 'auto' = 'highest' on CPU (exact float32,
+# where it costs nothing extra) and 'default' on accelerators (one bf16 pass on TPU, TF32 on GPU).
+PRECISION_CHOICES = ("auto",) + losses.PRECISIONS
+
+
+def resolve_precision(choice: str, backend: str) -> str:
+  """``semppl.precision`` -> ``LossConfig.precision`` on ``backend`` ('cpu', 'gpu', 'tpu')."""
+  if choice != "auto":
+    return choice
+  return "highest" if backend == "cpu" else "default"
 
 
 def _check_data(config: config_dict.ConfigDict) -> int:
@@ -275,9 +296,20 @@ def data_description(data: config_dict.ConfigDict) -> str:
   return f"{data.dataset} {data.label_percent}% labels"
 
 
-def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.TrainConfig:
-  """The typed hyper-parameters of a (validated) pre-training config."""
+def train_config(config: config_dict.ConfigDict, num_shards: int,
+                 backend: str | None = None) -> train.TrainConfig:
+  """The typed hyper-parameters of a (validated) pre-training config.
+
+  ``backend`` ('cpu' / 'gpu' / 'tpu'; default ``jax.default_backend()``) resolves the
+  backend-dependent switches: ``semppl.precision='auto'`` and ``semppl.knn_approximate`` (an
+  approximate top-k only where it is fused with the matmul, on TPU; exact elsewhere).
+  """
+  if backend is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    backend = jax.default_backend()
   v, n, s, o = config.views, config.network, config.semppl, config.optimizer
+  switches = {f: s.get(f, _LOSS_SWITCH_DEFAULTS[f]) for f in _LOSS_SWITCHES}
+  switches["knn_approximate"] = bool(switches["knn_approximate"]) and backend == "tpu"
   presets = tuple(
       augmentations.ViewPreset(
           blur_probability=blur, solarize_probability=solarize,
@@ -290,6 +322,7 @@ def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.Train
       labelled_batch_size=config.data.labelled_batch_size,
       unlabelled_batch_size=config.data.unlabelled_batch_size, queue_size=config.queue.size,
       training_steps=config.training_steps, num_shards=num_shards,
+      queue_dtype=config.queue.get("dtype", "float32"),
       views=train.ViewConfig(
           num_large=v.num_large, num_small=v.num_small, large_size=v.large_size,
           small_size=v.small_size, large_scale=tuple(v.large_scale),
@@ -304,7 +337,7 @@ def train_config(config: config_dict.ConfigDict, num_shards: int) -> train.Train
           temperature=s.temperature, contrastive_weight=s.contrastive_weight,
           semantic_weight=s.semantic_weight, invariance_weight=s.invariance_weight,
           num_negatives=s.num_negatives,
-          **{f: s.get(f, _LOSS_SWITCH_DEFAULTS[f]) for f in _LOSS_SWITCHES}),
+          precision=resolve_precision(s.get("precision", "auto"), backend), **switches),
       optim=train.OptimConfig(
           base_learning_rate=o.base_learning_rate, weight_decay=o.weight_decay,
           momentum=o.momentum, trust_coefficient=o.trust_coefficient,

@@ -206,7 +206,7 @@ class PositivesSummary(NamedTuple):
     labels: int32 ``[B]``, true labels (hidden truth of the unlabelled rows; -1 if unknown).
     is_labelled: bool ``[B]``.
     pseudo_labels: int32 ``[B]``, the kNN pseudo-labels over all large views and queues, as
-      in training (-1 while the queues are empty).
+      in training (-1 while the queues are empty, and at the labelled rows, not queried).
     neighbour_labels: int32 ``[B, k]``, labels of the ``k`` queue entries nearest to view 0 in
       queue 0 (the first ballot of the pseudo-label), nearest first; -1 for missing entries.
     positive_valid: bool ``[N, B]``, whether draw ``n`` (queue 0) found an entry.

@@ -228,3 +228,23 @@ def test_imagenet_data_path_trains_and_evaluates_on_mock_data():
   assert scalars[1]["queue_fill"] == 8 / 64  # Measured before that step's enqueue.
   for key in ("probe_top1", "knn_top1_k5", "queue_knn_top1"):
     assert 0.0 <= results[key] <= 1.0
+
+
+@pytest.mark.slow
+def test_relic_runs_its_knn_monitor_every_knn_monitor_every_steps():
+  """relic with semppl.knn_monitor_every=2: the kNN monitors (and queue_fill) come from
+  train.knn_monitor at steps 0, 2, ... only; the window mean averages those steps."""
+  config = _config()
+  config.objective = "relic"
+  config.semppl.knn_monitor_every = 2
+  config.log_every_steps = 4  # One window over the four steps.
+  exp = experiment.Experiment("train", jax.random.PRNGKey(0), config)
+  monitors = {"pseudo_label_accuracy", "pseudo_label_coverage", "queue_fill"}
+  for step in range(4):
+    metrics = exp.step(global_step=step, rng=None)
+    assert monitors & set(metrics) == (monitors if step % 2 == 0 else set()), step
+  assert float(jax.device_get(metrics["loss"])) > 0
+  # Step 2 saw the 2 x 8 labelled items of steps 0 and 1 in each 64-slot queue.
+  assert exp.recent_mean("queue_fill") == pytest.approx((0.0 + 0.25) / 2)
+  assert np.isfinite(exp.recent_mean("pseudo_label_coverage"))
+  exp._check_finite()  # pylint: disable=protected-access

@@ -26,6 +26,8 @@ def _config(**semppl):
     ("semantic_invariance_weight", -1.0, r"config.semppl.semantic_invariance_weight: .*-1"),
     ("knn_query", "embedding", r"config.semppl.knn_query: .*'embedding'"),
     ("min_vote_agreement", -0.5, r"config.semppl.min_vote_agreement: .*-0.5"),
+    ("precision", "fast", r"config.semppl.precision: .*'fast'"),
+    ("knn_monitor_every", 0, r"config.semppl.knn_monitor_every: .*0"),
 ])
 def test_bad_switch_values_name_the_field(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -53,3 +55,28 @@ def test_switches_reach_the_typed_config_and_the_setup_line():
   assert experiment._oracle_note(experiment_config.train_config(_config(), 1)) == ""
   relic = experiment_config.train_config(_config(pseudo_labels="oracle"), 1)
   assert experiment._oracle_note(train.TrainConfig(**{**relic.__dict__, "objective": "relic"})) == ""
+
+
+def test_cost_switches_resolve_per_backend():
+  """semppl.precision='auto' is exact float32 on CPU and the backend's default elsewhere; the
+  approximate kNN top-k is used on TPU only; queue.dtype reaches the typed config."""
+  c = _config(knn_approximate=True, knn_monitor_every=50)
+  c.queue.dtype = "bfloat16"
+  experiment_config.validate_pretrain_config(c, num_devices=1)
+  cpu = experiment_config.train_config(c, 1, backend="cpu")
+  tpu = experiment_config.train_config(c, 1, backend="tpu")
+  gpu = experiment_config.train_config(c, 1, backend="gpu")
+  assert (cpu.loss.precision, gpu.loss.precision, tpu.loss.precision) == (
+      "highest", "default", "default")
+  assert (cpu.loss.knn_approximate, gpu.loss.knn_approximate, tpu.loss.knn_approximate) == (
+      False, False, True)
+  assert cpu.queue_dtype == "bfloat16" and cpu.loss.knn_monitor_every == 50
+  c.semppl.precision = "highest"
+  assert experiment_config.train_config(c, 1, backend="tpu").loss.precision == "highest"
+  c.queue.dtype = "float16"
+  with pytest.raises(ValueError, match=r"config.queue.dtype: .*'float16'"):
+    experiment_config.validate_pretrain_config(c, num_devices=1)
+  # The shipped default keeps CPU float32 numerics as they were.
+  default = experiment_config.train_config(_config(), 1, backend="cpu")
+  assert (default.loss.precision, default.queue_dtype, default.loss.knn_monitor_every) == (
+      "highest", "float32", 1)

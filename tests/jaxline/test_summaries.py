@@ -187,8 +187,11 @@ def test_semantic_positives_recomputes_views_pseudo_labels_and_positives():
   (_, _, pred), _ = online(state.online_params, state.online_state, None,
                            _normalized(large.reshape((-1,) + large.shape[2:])), False)
   queries = losses.l2_normalize(pred.reshape(config.views.num_large, nl + nu, -1))
+  # Only the unlabelled rows are queried (as in training); labelled rows hold -1.
   np.testing.assert_array_equal(
-      out.pseudo_labels, knn.pseudo_labels(queries, q, k=config.loss.knn_k, num_classes=10))
+      out.pseudo_labels[nl:],
+      knn.pseudo_labels(queries, q, k=config.loss.knn_k, num_classes=10)[nl:])
+  assert (np.asarray(out.pseudo_labels[:nl]) == -1).all()
   assert set(np.asarray(out.pseudo_labels[nl:])) <= {0, 1}
   top = knn.top_k_entries(queries[0], q.embeddings[0], q.labels[0], k=config.loss.knn_k)
   np.testing.assert_array_equal(out.neighbour_labels, top.labels)
