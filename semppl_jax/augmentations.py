@@ -28,6 +28,7 @@ views and hands them to it. Per-image Bernoulli decisions use ``uniform < probab
 probability 0 is exactly the identity and probability 1 always applies.
 """
 import dataclasses
+import functools
 import math
 from typing import Sequence, Tuple
 
@@ -103,7 +104,8 @@ def _fallback_box(height: int, width: int, ratio: Tuple[float, float]) -> Tuple[
 
 
 def random_resized_crop(images, key, *, output_size: int, scale=(0.08, 1.0),
-                        ratio=(3.0 / 4.0, 4.0 / 3.0)) -> jax.Array:
+                        ratio=(3.0 / 4.0, 4.0 / 3.0),
+                        precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """Crops a random box of each image and resizes it (bilinear) to a square.
 
   Per image, up to 10 candidate boxes are drawn: area fraction ``~ U(scale)`` of ``H * W`` and
@@ -119,6 +121,7 @@ def random_resized_crop(images, key, *, output_size: int, scale=(0.08, 1.0),
     output_size: side of the square output (static int >= 1).
     scale: (low, high) range of the box area as a fraction of the image area, 0 < low <= high.
     ratio: (low, high) range of the aspect ratio width / height, 0 < low <= high.
+    precision: the resize's ``jax.lax.Precision`` (``jax.image.scale_and_translate``).
 
   Returns:
     float32 [B, output_size, output_size, 3] in [0, 1].
@@ -154,7 +157,7 @@ def random_resized_crop(images, key, *, output_size: int, scale=(0.08, 1.0),
     translation = -jnp.stack([top.astype(jnp.float32), left.astype(jnp.float32)]) * box_scale
     return jax.image.scale_and_translate(
         image, (output_size, output_size, channels), spatial_dims=(0, 1), scale=box_scale,
-        translation=translation, method="linear", antialias=True)
+        translation=translation, method="linear", antialias=True, precision=precision)
 
   return jnp.clip(image_batch.per_image(crop_one, images, key, 2 * _CROP_ATTEMPTS + 2), 0.0, 1.0)
 
@@ -271,7 +274,7 @@ def _preset_params(preset: ViewPreset) -> dict:
   return params
 
 
-def _augment(images, key, params):
+def _augment(images, key, params, precision=jax.lax.Precision.HIGHEST):
   """augment_view on validated images with parameters that may be traced scalars."""
   flip_key, jitter_key, gray_key, blur_key, solarize_key = jax.random.split(key, 5)
   images = _flip(images, flip_key, params["flip_probability"])
@@ -281,7 +284,7 @@ def _augment(images, key, params):
   images = photometric.grayscale_unchecked(images, gray_key, params["grayscale_probability"])
   images = photometric.blur_unchecked(
       images, blur_key, params["blur_probability"], params["sigma_low"], params["sigma_high"],
-      photometric.default_blur_kernel_size(*images.shape[1:3]))
+      photometric.default_blur_kernel_size(*images.shape[1:3]), precision)
   return photometric.solarize_unchecked(images, solarize_key, params["solarize_probability"],
                                         params["solarize_threshold"])
 
@@ -293,7 +296,8 @@ def _check_presets(presets) -> Tuple[ViewPreset, ...]:
   return presets
 
 
-def _photometric(views: jax.Array, key: jax.Array, presets: Tuple[ViewPreset, ...]):
+def _photometric(views: jax.Array, key: jax.Array, presets: Tuple[ViewPreset, ...],
+                 precision=jax.lax.Precision.HIGHEST):
   """photometric_views on validated float32 [V, B, H, W, 3] views."""
   num_views = views.shape[0]
   if num_views == 0:
@@ -302,10 +306,12 @@ def _photometric(views: jax.Array, key: jax.Array, presets: Tuple[ViewPreset, ..
   # The presets become per-view parameter arrays, so all views share one compiled chain.
   per_view = [_preset_params(presets[v % len(presets)]) for v in range(num_views)]
   params = {name: jnp.asarray([p[name] for p in per_view], jnp.float32) for name in per_view[0]}
-  return jax.vmap(_augment)(views, view_keys, params)
+  return jax.vmap(functools.partial(_augment, precision=precision))(
+      views, view_keys, params)
 
 
-def photometric_views(views, key, *, presets: Sequence[ViewPreset] = (BYOL_VIEW_1, BYOL_VIEW_2)):
+def photometric_views(views, key, *, presets: Sequence[ViewPreset] = (BYOL_VIEW_1, BYOL_VIEW_2),
+                      precision=jax.lax.Precision.HIGHEST):
   """The photometric chain of ``augment_view`` on views that are already cropped.
 
   For inputs whose crops come from elsewhere (e.g. a host pipeline that decodes and crops
@@ -319,17 +325,20 @@ def photometric_views(views, key, *, presets: Sequence[ViewPreset] = (BYOL_VIEW_
       C in {1, 3}, C = 1 is broadcast to 3. V may be 0.
     key: a PRNG key.
     presets: non-empty sequence of ``ViewPreset`` cycled over the views.
+    precision: the pixel matmuls' ``jax.lax.Precision`` (crop resize, blur): HIGHEST keeps
+      float32 pixels exact on accelerators; a bfloat16 network can take DEFAULT.
 
   Returns:
     float32 [V, B, H, W, 3] in [0, 1].
   """
-  return _photometric(_prepare_views(views), key, _check_presets(presets))
+  return _photometric(_prepare_views(views), key, _check_presets(presets), precision)
 
 
 def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
                small_size: int, large_scale=(0.08, 1.0), small_scale=(0.08, 1.0),
                ratio=(3.0 / 4.0, 4.0 / 3.0),
-               presets: Sequence[ViewPreset] = (BYOL_VIEW_1, BYOL_VIEW_2)):
+               presets: Sequence[ViewPreset] = (BYOL_VIEW_1, BYOL_VIEW_2),
+               precision=jax.lax.Precision.HIGHEST):
   """All views of a batch: ``num_large`` large and ``num_small`` small augmented crops.
 
   With ``crop_key, photo_key = jax.random.split(key)``: view ``v`` (large views
@@ -353,6 +362,8 @@ def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
     small_scale: area range of the small crops.
     ratio: aspect-ratio range (width / height) of all crops.
     presets: non-empty sequence of ``ViewPreset`` cycled over the views of each group.
+    precision: the pixel matmuls' ``jax.lax.Precision`` (crop resize, blur): HIGHEST keeps
+      float32 pixels exact on accelerators; a bfloat16 network can take DEFAULT.
 
   Returns:
     ``(large float32 [L, B, large_size, large_size, 3],
@@ -377,9 +388,9 @@ def multi_crop(images, key, *, num_large: int, num_small: int, large_size: int,
       return jnp.zeros((0, images.shape[0], size, size, 3), jnp.float32)
     keys = jnp.stack([jax.random.fold_in(crop_key, first_view + i) for i in range(count)])
     return jax.vmap(lambda k: random_resized_crop(
-        images, k, output_size=size, scale=scale, ratio=ratio))(keys)
+        images, k, output_size=size, scale=scale, ratio=ratio, precision=precision))(keys)
 
   large = crops(0, int(num_large), large_size, large_scale)
   small = crops(int(num_large), int(num_small), small_size, small_scale)
-  return (_photometric(large, jax.random.fold_in(photo_key, 0), presets),
-          _photometric(small, jax.random.fold_in(photo_key, 1), presets))
+  return (_photometric(large, jax.random.fold_in(photo_key, 0), presets, precision),
+          _photometric(small, jax.random.fold_in(photo_key, 1), presets, precision))

@@ -232,21 +232,26 @@ def blur_matrix(sigma, size: int, kernel_size: int) -> jax.Array:
   return jnp.where(inside, kernel[jnp.clip(offset + radius, 0, 2 * radius)], 0.0)
 
 
-def blur_unchecked(images, key, probability, sigma_low, sigma_high, kernel_size: int):
-  """:func:`gaussian_blur` of validated float32 [B, H, W, 3] images, arguments unchecked."""
+def blur_unchecked(images, key, probability, sigma_low, sigma_high, kernel_size: int,
+                   precision=jax.lax.Precision.HIGHEST):
+  """:func:`gaussian_blur` of validated float32 [B, H, W, 3] images, arguments unchecked.
+
+  ``precision`` is the two matmuls' (a ``jax.lax.Precision``). HIGHEST keeps float32 pixels
+  exact on accelerators; a step whose network runs in bfloat16 rounds the blurred pixels to
+  bfloat16 at its input anyway, so it can pass DEFAULT (one bf16 pass) and lose nothing more.
+  """
   # Two matrix products per image instead of dm_pix's depthwise convolution: under vmap that
   # convolution folds the batch into its feature groups, and GSPMD then gathers the whole
   # batch onto every device (each device blurred every image). A batched matmul keeps the
   # batch a batch dimension, so each device blurs only its own images.
   _, height, width, _ = images.shape
-  exact = jax.lax.Precision.HIGHEST  # Pixels, not features: no reduced-precision passes.
 
   def blur_one(image, u):
     sigma = image_batch.between(u[1], sigma_low, sigma_high)
     blurred = jnp.einsum("wv,hvc->hwc", blur_matrix(sigma, width, kernel_size), image,
-                         precision=exact)
+                         precision=precision)
     blurred = jnp.einsum("hg,gwc->hwc", blur_matrix(sigma, height, kernel_size), blurred,
-                         precision=exact)
+                         precision=precision)
     return jnp.where(u[0] < probability, blurred, image)
 
   return jnp.clip(image_batch.per_image(blur_one, images, key, 2), 0.0, 1.0)

@@ -535,19 +535,25 @@ def make_views(config: TrainConfig, batch: Mapping[str, jax.Array], key: jax.Arr
     ``(large [L, B, h, h, 3], small [S, B, s, s, 3])``.
   """
   v = config.views
+  # The network rounds its input to bfloat16 when it computes in bfloat16, so the pixel
+  # matmuls (crop resize, blur) need no more than one bf16 pass there (and no HIGHEST dot
+  # stays in the step).
+  pixel_precision = (jax.lax.Precision.DEFAULT if config.network.compute_dtype == "bfloat16"
+                    else jax.lax.Precision.HIGHEST)
   if "labelled_images" in batch:
     images = evaluation.preprocess(
         _interleave(batch["labelled_images"], batch["unlabelled_images"], num_shards))
     return augmentations.multi_crop(
         images, key, num_large=v.num_large, num_small=v.num_small, large_size=v.large_size,
         small_size=v.small_size, large_scale=v.large_scale, small_scale=v.small_scale,
-        presets=v.presets)
+        presets=v.presets, precision=pixel_precision)
   views = []
   for group, size_name in enumerate(("large", "small")):
     x = _interleave(batch[f"labelled_{size_name}"], batch[f"unlabelled_{size_name}"], num_shards)
     x = einops.rearrange(x, "b v h w c -> v b h w c")
     views.append(augmentations.photometric_views(x, jax.random.fold_in(key, group),
-                                                 presets=v.presets))
+                                                 presets=v.presets,
+                                                 precision=pixel_precision))
   return views[0], views[1]
 
 

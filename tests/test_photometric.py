@@ -317,3 +317,20 @@ def test_bad_arguments_raise():
     photometric.color_jitter(RGB, KEY, brightness=-0.1)
   with pytest.raises(ValueError, match="sigma_range"):
     photometric.gaussian_blur(RGB, KEY, probability=1.0, sigma_range=(0.0, 1.0))
+
+
+def test_blur_precision_reaches_both_matmuls():
+  """HIGHEST (the default) and DEFAULT blur the same on CPU (float32 dots either way); only
+  the HIGHEST program carries HIGHEST dots, so a bfloat16 step can drop them."""
+  images = jnp.asarray(np.random.RandomState(0).rand(2, 9, 7, 3), jnp.float32)
+  key = jax.random.PRNGKey(1)
+
+  def compiled(precision):
+    fn = lambda x, k: photometric.blur_unchecked(x, k, 1.0, 0.5, 2.0, 5, precision)
+    return jax.jit(fn).lower(images, key).compile()
+
+  highest, default = (compiled(p) for p in (jax.lax.Precision.HIGHEST,
+                                            jax.lax.Precision.DEFAULT))
+  assert "operand_precision={highest" in highest.as_text()
+  assert "operand_precision={highest" not in default.as_text()
+  np.testing.assert_allclose(default(images, key), highest(images, key), atol=1e-6)

@@ -416,10 +416,10 @@ def test_highest_dots_helper_sees_the_loss_matmuls():
 
 
 @pytest.mark.slow
-def test_bfloat16_step_has_no_highest_loss_dot_and_keeps_a_bfloat16_queue(state):
-  """compute_dtype='bfloat16': the only HIGHEST dots of the compiled step are the views' blur
-  (pixels, photometric.py), the same ones the compiled views program has; none comes from the
-  loss or the kNN. A bfloat16 queue stays bfloat16 through the step."""
+def test_bfloat16_step_has_no_highest_dot_and_keeps_a_bfloat16_queue(state):
+  """compute_dtype='bfloat16': the compiled step has no HIGHEST dot (loss, kNN and the views'
+  blur), while the float32 step's views program has the blur's. A bfloat16 queue stays
+  bfloat16 through the step."""
   config = dataclasses.replace(
       _config("semppl"), queue_dtype="bfloat16",
       network=dataclasses.replace(_config().network, compute_dtype="bfloat16"))
@@ -431,9 +431,10 @@ def test_bfloat16_step_has_no_highest_loss_dot_and_keeps_a_bfloat16_queue(state)
   key = jax.random.PRNGKey(0)
   compiled = jax.jit(functools.partial(train.train_step, config)).lower(s, batch, key).compile()
   k_views = jax.random.split(key, 3)[0]
-  views = jax.jit(lambda b, k: train.make_views(config, b, k, SHARDS)).lower(
+  f32_views = jax.jit(lambda b, k: train.make_views(_config("semppl"), b, k, SHARDS)).lower(
       batch, k_views).compile()
-  assert _highest_dot_shapes(compiled.as_text()) == _highest_dot_shapes(views.as_text())
+  assert _highest_dot_shapes(f32_views.as_text())  # The check can fail: the blur's dots.
+  assert not _highest_dot_shapes(compiled.as_text())
   new, metrics = compiled(s, batch, key)
   assert new.queue.embeddings.dtype == jnp.bfloat16
   assert int(new.nonfinite_step) == -1
