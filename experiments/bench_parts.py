@@ -32,7 +32,9 @@ roofline time per chip. Numbers are XLA:CPU's cost model of the per-device progr
 accelerator's compiler fuses differently (bytes accessed most of all), and FLOPs are counted
 the same whatever the dot's precision (a float32 ``precision=HIGHEST`` dot runs at a fraction
 of the bfloat16 peak on a TPU), so the roofline times are estimates, comparable between parts
-and between code versions.
+and between code versions. XLA counts a ``while`` body once (parts with such loops are
+counted again with them unrolled, see :func:`unrolled_loops`) and a ``lax.cond`` at its heavier
+branch (a monitor under a ``cond`` every N steps is counted in full).
 
 Shape (default): the ImageNet config (``experiments/imagenet_r50.py``: 4096 images a step, 1/8
 labelled, ResNet-50, 4 x 224 px + 2 x 96 px views, bfloat16 compute, ``remat='block'``) on 16
