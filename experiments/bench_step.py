@@ -7,7 +7,8 @@ Shapes (all on one device, per-device numbers):
   real data source (Fashion-MNIST);
 * ``r50``: ResNet-50 with the ImageNet views (4 x 224 px + 2 x 96 px, cropped on the host) and
   queues of 16384, ``--r50-batch`` labelled + unlabelled images per device (default 2 + 2), on
-  random views (no ImageNet decode), float32 and, for SemPPL, also bfloat16;
+  random uint8 views (no ImageNet decode; uint8 is what the real pipeline moves, converted on
+  the device), float32 compute and, for SemPPL, also bfloat16;
 * ``paper``: the same at the paper's per-device batch (4096 over 32 devices: 16 labelled + 112
   unlabelled) in ``--paper-dtype`` (bfloat16) with ``--paper-remat`` (block); only when an
   accelerator is present (``--paper`` forces it, ``--no-paper`` skips it).
@@ -135,11 +136,18 @@ def host_cropped_batch(config, seed: int):
   return {k: (x.astype(np.int32) if x.dtype.kind == "i" else x) for k, x in batch.items()}
 
 
-def _batch_dtype(batch):
-  """The views arrive as float32 in [0, 1] as the pipelines produce them."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  return {k: (x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x)
-          for k, x in batch.items()}
+def abstract_batch(config, labelled: int, unlabelled: int):
+  """``jax.ShapeDtypeStruct`` inputs of the step in the host-cropped ImageNet layout.
+
+  ``labelled`` / ``unlabelled`` images (global); the views are uint8, as the real pipeline
+  (``semppl_jax/data/pipelines.py``) moves them, and ``train.make_views`` converts on device.
+  """
+  jax, _, _ = _imports()
+  host = host_cropped_batch(dataclasses.replace(
+      config, labelled_batch_size=1, unlabelled_batch_size=1, num_shards=1), 0)
+  return {k: jax.ShapeDtypeStruct(
+      ((labelled if k.startswith("label") else unlabelled),) + x.shape[1:], x.dtype)
+          for k, x in host.items()}
 
 
 def _mesh_and_put(jax):
@@ -193,7 +201,8 @@ def _r50_variants(args, put):
     for objective, dtype, remat in runs:
       config = r50_config(objective, labelled, unlabelled, dtype, remat, args.tiny)
       if host is None:
-        host = [_batch_dtype(host_cropped_batch(config, seed)) for seed in range(2)]
+        # uint8 views, as the real pipeline moves them (4x fewer bytes than float32).
+        host = [host_cropped_batch(config, seed) for seed in range(2)]
         device = [put(b) for b in host]
         transfer = lambda step, host=host: jax.block_until_ready(put(host[step % 2]))
       name = objective + ("" if dtype == "float32" else f" {dtype}") + (
@@ -328,7 +337,7 @@ def table(rows, matmul_size) -> str:
 
 def paper_memory(args):
   """AOT-compiled per-device memory of the SemPPL step at the paper's per-device batch."""
-  jax, jnp, train = _imports()
+  jax, _, train = _imports()
   rows = []
   for devices in args.paper_devices:
     per_device = PAPER_BATCH // devices
@@ -339,11 +348,7 @@ def paper_memory(args):
                             args.tiny)
         state = jax.eval_shape(lambda k, c=config: train.init_train_state(c, k),
                                jax.random.key(0))
-        host = host_cropped_batch(dataclasses.replace(
-            config, labelled_batch_size=1, unlabelled_batch_size=1), 0)
-        batch = {k: jax.ShapeDtypeStruct(
-            ((labelled if k.startswith("label") else per_device - labelled),) + x.shape[1:],
-            jnp.float32 if x.dtype.kind == "u" else x.dtype) for k, x in host.items()}
+        batch = abstract_batch(config, labelled, per_device - labelled)
         step = jax.jit(lambda s, b, k, c=config: train.train_step(c, s, b, k),
                        donate_argnums=(0,))
         start = time.perf_counter()
@@ -387,7 +392,7 @@ def scaling(args):
   and queues sharded over a mesh of that many devices. Nothing runs: the numbers are the
   compiled per-device program's (``semppl_jax.compiled_cost``).
   """
-  jax, jnp, train = _imports()
+  jax, _, train = _imports()
   from semppl_jax import compiled_cost  # pylint: disable=g-import-not-at-top
   from semppl_jax import parallel  # pylint: disable=g-import-not-at-top
   labelled, unlabelled = args.scaling_batch
@@ -404,11 +409,7 @@ def scaling(args):
         mesh = parallel.make_mesh(jax.devices()[:devices])
         state = jax.eval_shape(lambda k, c=config: train.init_train_state(c, k),
                                jax.random.PRNGKey(0))
-        host = host_cropped_batch(dataclasses.replace(
-            config, labelled_batch_size=1, unlabelled_batch_size=1, num_shards=1), 0)
-        batch = {k: jax.ShapeDtypeStruct(
-            ((labelled if k.startswith("label") else unlabelled),) + x.shape[1:],
-            jnp.float32 if x.dtype.kind == "u" else x.dtype) for k, x in host.items()}
+        batch = abstract_batch(config, labelled, unlabelled)
         shardings = train.train_state_shardings(state, mesh)
         step = jax.jit(lambda s, b, k, c=config: train.train_step(c, s, b, k),
                        in_shardings=(shardings, parallel.data_sharding(mesh), None),

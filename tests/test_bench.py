@@ -33,3 +33,71 @@ def test_bench_accelerator_tiny_runs_on_cpu(tmp_path):
   assert run["steps"] == 3 and run["steps_per_s"] > 0 and run["data"] == "tfds mock"
   report = (out / "bench_step.md").read_text()
   assert "| demo (tiny_resnet) | semppl |" in report and "Training run (tfds mock" in report
+
+
+def test_bench_parts_tiny_parts_add_up_and_knn_grows_with_the_queue():
+  """experiments/bench_parts.py at a tiny shape on 2 of the suite's fake devices: every part is
+  measured, the parts account for the whole SemPPL step's FLOPs and bytes, the kNN's cost grows
+  with the queue, and the roofline and the SemPPL-specific share follow their definitions."""
+  from experiments import bench_parts  # pylint: disable=g-import-not-at-top
+  small, large = 64, 1024
+  rows = bench_parts.measure(2, [small, large], steps=("semppl",), step_queue_sizes=[small],
+                             tiny=True)
+  measured = {(r["part"], r["objective"], r["queue_size"]) for r in rows}
+  fixed = {("views", "", 0), ("encoder", "", 0), ("heads", "", 0), ("loss", "semppl", 0),
+           ("loss", "relic", 0), ("optimizer", "", 0)}
+  per_q = {(p, "", q) for p in bench_parts.QUEUE_PARTS for q in (small, large)}
+  assert measured == fixed | per_q | {("step", "semppl", small)}
+  for r in rows:
+    assert r["flops"] > 0 and r["bytes"] > 0, r
+  find = lambda part, objective="", q=0: bench_parts._find(rows, part, objective, q)
+  # The kNN scores every query against Q / devices entries per device.
+  assert find("knn", q=large)["flops"] > 4 * find("knn", q=small)["flops"]
+  # Its lax.map over the 4 queues is a while loop whose body XLA counts once; unrolled for
+  # counting, the FLOPs are those of all 4.
+  knn = find("knn", q=large)
+  assert 3.5 < knn["flops"] / knn["program_flops"] < 4.5
+  assert find("loss", "semppl")["flops"] > 2 * find("loss", "relic")["flops"]
+  # The encoder's gradients are all-reduced inside its part.
+  assert find("encoder")["all_reduce_bytes"] > 0
+  extra, shares = bench_parts.derived(rows, [small, large])
+  share = shares[0]
+  assert 0.9 < share["parts_flops"] / share["step_flops"] < 1.1
+  assert 0.9 < share["parts_bytes"] / share["step_bytes"] < 1.1
+  for name, peak, bandwidth, _ in bench_parts.CHIPS:
+    r = find("knn", q=small)
+    assert r[f"ms_{name}"] == 1e3 * max(r["flops"] / peak, r["bytes"] / bandwidth)
+    expected = (find("knn", q=small)[f"ms_{name}"] + find("sampler", q=small)[f"ms_{name}"]
+                + find("loss", "semppl")[f"ms_{name}"] - find("loss", "relic")[f"ms_{name}"])
+    assert abs(share[f"specific_ms_{name}"] - expected) < 1e-12
+    assert share[f"step_ms_{name}"] == find("step", "semppl", small)[f"ms_{name}"]
+    # Without a compiled step at the large Q the share falls back to the sum of the parts.
+    assert shares[1][f"step_ms_{name}"] == shares[1][f"parts_ms_{name}"]
+  assert extra["flops"] == find("loss", "semppl")["flops"] - find("loss", "relic")["flops"]
+  text = bench_parts.report(rows, [small, large], "test", "header")[0]
+  assert "| test | knn | 2^10 |" in text and "semantic loss extra" in text
+
+
+def test_bench_parts_roofline_and_collective_time():
+  from experiments import bench_parts  # pylint: disable=g-import-not-at-top
+  assert bench_parts.roofline_ms(2e12, 1e9, 1e12, 1e12) == 2000.0  # compute-bound
+  assert bench_parts.roofline_ms(1e9, 3e12, 1e12, 1e12) == 3000.0  # memory-bound
+  assert bench_parts.collective_ms(1e9, 2e9, 1e12) == 4.0
+
+
+def test_bench_parts_while_trip_counts_and_unrolled_loops():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from experiments import bench_parts  # pylint: disable=g-import-not-at-top
+
+  def f(x):
+    return jax.lax.fori_loop(0, 5, lambda i, y: jnp.tanh(y @ x), x)
+
+  x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  looped = jax.jit(f).lower(x).compile()
+  assert bench_parts.while_trip_counts(looped.as_text()) == [5]
+  with bench_parts.unrolled_loops():
+    flat = jax.jit(lambda x: f(x)).lower(x).compile()
+  assert bench_parts.while_trip_counts(flat.as_text()) == []
+  ratio = flat.cost_analysis()["flops"] / looped.cost_analysis()["flops"]
+  assert 4.5 < ratio < 5.5
