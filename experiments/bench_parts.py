@@ -22,7 +22,8 @@ shows any drift):
 * ``loss``: ``losses.semppl_loss`` value + gradient with respect to the online predictions,
   for SemPPL (semantic positives as inputs) and for ReLIC-only (the step's all-invalid zeros
   as constants); their difference is the *semantic loss extra*;
-* ``knn``: ``knn.pseudo_labels`` of the large views' online predictions against the queues;
+* ``knn``: ``train.knn_pseudo_labels`` (the unlabelled rows, as the step queries them) against
+  the queues;
 * ``sampler``: ``semantic_positives.sample_semantic_positives``;
 * ``enqueue``: ``queue.enqueue`` of the labelled rows' target projections;
 * ``optimizer``: LARS update of the online parameters, Adam of the probe, target EMA.
@@ -96,7 +97,9 @@ def paper_config(objective: str, devices: int, queue_size: int, tiny: bool):
   unlabelled = imagenet_r50.BATCH_SIZE - labelled
   if tiny:  # 8 labelled + 24 unlabelled per device.
     labelled, unlabelled = 8 * devices, 24 * devices
-  config = bench_step.r50_config(objective, labelled, unlabelled, "bfloat16", "block", tiny)
+  # Resolved for TPU (the roofline's chips): the loss at DEFAULT precision, approximate top-k.
+  config = bench_step.r50_config(objective, labelled, unlabelled, "bfloat16", "block", tiny,
+                                 backend="tpu")
   return dataclasses.replace(config, num_shards=devices, queue_size=queue_size)
 
 
@@ -204,6 +207,7 @@ class Parts:
     kwargs = {f.name: getattr(lc, f.name) for f in dataclasses.fields(lc)
               if f.name in keywords}
     kwargs["num_negatives"] = lc.num_negatives or None
+    kwargs["matmul_dtype"] = train.compute_dtype(c.network.compute_dtype)
 
     def fn(online, target, sem, valid, labels_star, key):
       if not semantic:  # The step's all-invalid zeros: constants, as in train.forward.
@@ -219,10 +223,10 @@ class Parts:
     return fn, args, (self.view_rows, self.view_rows, self.rep, self.rep, self.rep, None)
 
   def knn(self):
-    from semppl_jax import knn  # pylint: disable=g-import-not-at-top
+    _, _, train = _imports()
     c = self.config
-    fn = lambda queries, queue: knn.pseudo_labels(queries, queue, k=c.loss.knn_k,
-                                                  num_classes=c.num_classes)
+    # As the step runs it: the unlabelled rows only (train.knn_pseudo_labels).
+    fn = lambda queries, queue: train.knn_pseudo_labels(c, queries, queue)
     return (fn, (self.sds((self.L, self.B, self.D)), self.state.queue),
             (self.view_rows, self.state_shardings.queue))
 

@@ -98,8 +98,9 @@ def demo_config(tiny: bool):
 
 
 def r50_config(objective: str, labelled: int, unlabelled: int, dtype: str, remat: str,
-               tiny: bool):
-  """TrainConfig of the ImageNet config (experiments/imagenet_r50.py) at a per-device batch."""
+               tiny: bool, backend=None):
+  """TrainConfig of the ImageNet config (experiments/imagenet_r50.py) at a per-device batch;
+  ``backend`` resolves the backend-dependent switches (default: this process's backend)."""
   _, _, train = _imports()
   from experiments import imagenet_r50  # pylint: disable=g-import-not-at-top
   from semppl_jax.jaxline import experiment_config  # pylint: disable=g-import-not-at-top
@@ -107,7 +108,7 @@ def r50_config(objective: str, labelled: int, unlabelled: int, dtype: str, remat
   c.objective = objective
   c.data.update(dict(labelled_batch_size=labelled, unlabelled_batch_size=unlabelled))
   c.network.update(dict(compute_dtype=dtype, remat=remat))
-  config = experiment_config.train_config(c, num_shards=1)
+  config = experiment_config.train_config(c, num_shards=1, backend=backend)
   if tiny:  # A tiny encoder on 16 / 8 px views: the same layout, seconds to compile.
     config = dataclasses.replace(
         config, queue_size=64,
