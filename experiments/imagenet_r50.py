@@ -43,6 +43,8 @@ SOURCES = ("paper", "ReLICv2", "BYOL", "our choice")
 Field = collections.namedtuple("Field", "path value source note")
 
 _NOT_READ = "the paper's value could not be read (docs/design.md §8)"
+_FMNIST_CHOICE = ("chosen on Fashion-MNIST validation (BENCHMARKS.md, Semantic objective), "
+                  "paper value unknown")
 
 
 def provenance(label_percent: int) -> Tuple[Field, ...]:
@@ -103,8 +105,7 @@ def provenance(label_percent: int) -> Tuple[Field, ...]:
       Field("semppl.temperature", 0.2, "ReLICv2", "contrastive temperature; " + _NOT_READ),
       Field("semppl.contrastive_weight", 0.3, "ReLICv2",
             "c, contrastive weight; " + _NOT_READ),
-      Field("semppl.semantic_weight", 0.2, "our choice",
-            "α, docs/design.md §8: default from a third-party re-implementation; " + _NOT_READ),
+      Field("semppl.semantic_weight", 5.0, "our choice", "α; " + _FMNIST_CHOICE),
       Field("semppl.invariance_weight", 5.0, "ReLICv2", "λ, invariance weight; " + _NOT_READ),
       Field("semppl.num_negatives", 0, "our choice", "0 = every other image of the batch"),
       Field("semppl.mask_same_class_negatives", False, "our choice",
@@ -121,6 +122,15 @@ def provenance(label_percent: int) -> Tuple[Field, ...]:
       Field("semppl.knn_monitor_every", 100, "our choice",
             "relic only: its monitor kNN every log window, outside the step"),
       Field("queue.dtype", "float32", "our choice", "'bfloat16' halves the queues' memory"),
+      Field("semppl.semantic_negatives", "augmentation", "our choice",
+            "the semantic positive against the other images' target projections; "
+            + _FMNIST_CHOICE),
+      Field("semppl.semantic_invariance_weight", 0.0, "our choice",
+            "λ_sem = 0: no semantic KL (it duplicated the augmentation KL); " + _FMNIST_CHOICE),
+      Field("semppl.knn_query", "target", "our choice",
+            "the labeller votes with target projections, the queues' own space; "
+            + _FMNIST_CHOICE),
+      Field("semppl.min_vote_agreement", 0.0, "our choice", "every vote gives a label"),
       Field("optimizer.base_learning_rate", 0.3, "BYOL", "LARS, x batch / 256"),
       Field("optimizer.weight_decay", 1e-6, "our choice",
             "docs/design.md §2 (BYOL uses 1.5e-6)"),
@@ -167,10 +177,11 @@ def get_experiment_config(label_percent: int, training_steps: Any) -> config_dic
       queue=dict(size=16384, dtype="float32"),
       semppl=dict(
           knn_k=1, num_semantic_positives=3, temperature=0.2, contrastive_weight=0.3,
-          semantic_weight=0.2, invariance_weight=5.0, num_negatives=0,
+          semantic_weight=5.0, invariance_weight=5.0, num_negatives=0,
           mask_same_class_negatives=False, semantic_ramp_steps=0,
           bn_stats_from_large_views_only=False, precision="auto", knn_approximate=False,
-          knn_monitor_every=100),
+          knn_monitor_every=100, semantic_negatives="augmentation",
+          semantic_invariance_weight=0.0, knn_query="target", min_vote_agreement=0.0),
       optimizer=dict(
           base_learning_rate=0.3, weight_decay=1e-6, momentum=0.9, trust_coefficient=1e-3,
           warmup_steps=10 * STEPS_PER_EPOCH),
