@@ -415,6 +415,41 @@ def _check_semppl_inputs(online, target, semantic, semantic_valid, temperature, 
   return num_views, batch, dim, num_large, num_draws
 
 
+def _semantic_terms_shared(online, target, semantic, semantic_valid, temperature, matmul):
+  """The semantic cross-entropy and top-1 sums of the 'augmentation' form, without I_sem.
+
+  Row i's candidates are the augmentation term's ``target[l]`` with its own target replaced by
+  the semantic positive, so every candidate but the positive is shared by all N draws: per
+  large view ``l`` one ``[V, B, B]`` logits block (the augmentation term's own, which XLA
+  computes once) gives each row's log-sum-exp over its negatives, and each draw only adds its
+  positive's ``[V, B]`` logits: ``CE = logaddexp(lse_negatives, pos) - pos``. That is the
+  general path's value up to float rounding, at ``1/N`` of its logits work. Top-1 follows
+  ``argmax`` (the first maximal column): the positive wins ties with later columns only.
+
+  Returns:
+    ``(ce_sum, top1_sum)`` float32 [] each, over valid ``(l, s, view, row)`` entries.
+  """
+  ce_sum = top1_sum = jnp.zeros((), jnp.float32)
+  num_large, num_draws, batch = semantic_valid.shape
+  own = jnp.eye(batch, dtype=bool)
+  before = jnp.arange(batch)[None, :] < jnp.arange(batch)[:, None]    # column m < row i
+  for l in range(num_large):
+    logits = _einsum("vid,jd->vij", online, target[l], matmul["precision"],
+                     matmul["matmul_dtype"]) / temperature             # [V, B, B]
+    negatives = jnp.where(own, MASKED_LOGIT, logits)
+    lse = jax.nn.logsumexp(negatives, axis=-1)                         # [V, B]
+    first_best = jnp.max(jnp.where(before, negatives, MASKED_LOGIT), axis=-1)
+    later_best = jnp.max(jnp.where(before, MASKED_LOGIT, negatives), axis=-1)
+    pos = _einsum("vbd,nbd->nvb", online, semantic[l], matmul["precision"],
+                  matmul["matmul_dtype"]) / temperature                # [N, V, B]
+    valid = semantic_valid[l][:, None, :]                              # [N, 1, B]
+    ce = jnp.logaddexp(lse[None], pos) - pos
+    top1 = ((pos > first_best[None]) & (pos >= later_best[None])).astype(jnp.float32)
+    ce_sum = ce_sum + jnp.sum(jnp.where(valid, ce, 0.0))
+    top1_sum = top1_sum + jnp.sum(jnp.where(valid, top1, 0.0))
+  return ce_sum, top1_sum
+
+
 def _semantic_terms(online, target, semantic, semantic_valid, temperature, negatives_for,
                     pair_mask, semantic_negatives, matmul):
   """Sums of the semantic contrastive, invariance and top-1 terms over every (l, s).
@@ -503,7 +538,9 @@ def semppl_loss(
   Returns:
     loss: float32 [] total.
     aux: float32 [] scalars 'loss', 'augm_contrastive' (L_augm), 'semantic_contrastive' (L_sem),
-      'augm_invariance' (I_augm), 'semantic_invariance' (I_sem), 'contrastive'
+      'augm_invariance' (I_augm), 'semantic_invariance' (I_sem; 0, not computed, when λ_sem is
+      a python 0 with the 'augmentation' negatives, no sampled negatives and no same-class
+      mask: then L_sem shares the augmentation term's logits), 'contrastive'
       (L_augm + s·α·L_sem), 'invariance' (I_augm + s·I_sem), 'semantic_valid_fraction',
       'augm_top1' / 'semantic_top1' (fraction of entries whose positive has the largest logit),
       'semantic_scale' (s).
@@ -540,16 +577,24 @@ def semppl_loss(
   augm = [jax.tree.map(jnp.mean, _candidate_set_terms(online, target[l], negatives_for(
       l, None, None), temperature, **matmul)) for l in range(num_large)]
   l_augm, i_augm, augm_top1 = (jnp.mean(jnp.stack(t)) for t in zip(*augm))
-  ce_sum, inv_sum, top1_sum = _semantic_terms(online, target, semantic, semantic_valid,
-                                              temperature, negatives_for, pair_mask,
-                                              semantic_negatives, matmul)
+  sem_inv_weight = (invariance_weight if semantic_invariance_weight is None
+                    else semantic_invariance_weight)
+  if (semantic_negatives == "augmentation" and num_negatives is None and pair_mask is None
+      and isinstance(sem_inv_weight, (int, float)) and sem_inv_weight == 0):
+    # I_sem has weight 0 and is not computed (reported as 0): the cross-entropy then shares
+    # the augmentation term's logits (see _semantic_terms_shared).
+    ce_sum, top1_sum = _semantic_terms_shared(online, target, semantic, semantic_valid,
+                                              temperature, matmul)
+    inv_sum = jnp.zeros((), jnp.float32)
+  else:
+    ce_sum, inv_sum, top1_sum = _semantic_terms(online, target, semantic, semantic_valid,
+                                                temperature, negatives_for, pair_mask,
+                                                semantic_negatives, matmul)
   num_valid = jnp.sum(semantic_valid.astype(jnp.float32))
   # max(., 1): with no valid row every sum is 0, so each semantic term is 0, not NaN.
   denominator = jnp.maximum(num_valid, 1.0)
   l_sem, i_sem = ce_sum / (num_views * denominator), inv_sum / denominator
   scale = jnp.asarray(semantic_scale, jnp.float32)
-  sem_inv_weight = (invariance_weight if semantic_invariance_weight is None
-                    else semantic_invariance_weight)
   contrastive = l_augm + scale * semantic_weight * l_sem
   weighted_invariance = invariance_weight * i_augm + scale * sem_inv_weight * i_sem
   loss = contrastive_weight * contrastive + weighted_invariance

@@ -533,6 +533,37 @@ def test_semantic_negatives_augmentation_matches_numpy(inputs):
     np.testing.assert_allclose(aux[name], aux_a[name], rtol=1e-6, err_msg=name)
 
 
+def test_shared_logits_path_equals_the_general_path(inputs):
+  """'augmentation' negatives with λ_sem a python 0: L_sem shares the augmentation logits
+  (losses._semantic_terms_shared). Its value, top-1, loss and gradient equal the general
+  path's (forced with a traced λ_sem = 0); I_sem is reported 0 there, and the numpy
+  reference's cross-entropy holds for it too."""
+  online, target, semantic, valid = inputs
+  valid = np.asarray(valid).copy()
+  valid[0, 1, :3] = False  # Some invalid draws.
+  kw = dict(temperature=TAU, contrastive_weight=0.3, semantic_weight=5.0,
+            invariance_weight=5.0, semantic_negatives="augmentation")
+
+  def run(lam_sem):
+    fn = lambda o: losses.semppl_loss(o, target, semantic, valid,
+                                      semantic_invariance_weight=lam_sem, **kw)
+    (loss, aux), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(online)
+    return loss, aux, grad
+
+  loss_fast, aux_fast, grad_fast = run(0.0)
+  loss_gen, aux_gen, grad_gen = run(jnp.float32(0.0))
+  for name in ("semantic_contrastive", "semantic_top1", "augm_contrastive", "augm_top1",
+               "contrastive", "augm_invariance"):
+    np.testing.assert_allclose(aux_fast[name], aux_gen[name], rtol=1e-6, err_msg=name)
+  np.testing.assert_allclose(loss_fast, loss_gen, rtol=1e-6)
+  np.testing.assert_allclose(grad_fast, grad_gen, rtol=1e-5, atol=1e-7)
+  assert float(aux_gen["semantic_invariance"]) > 0 and float(aux_fast["semantic_invariance"]) == 0
+  ce, _ = np_semantic_against_augmentation(online, target, semantic, valid, TAU)
+  np.testing.assert_allclose(aux_fast["semantic_contrastive"], ce, rtol=2e-5)
+  # The top-1 is not trivially 0 or 1 here, so the tie rule above is exercised.
+  assert 0.0 < float(aux_fast["semantic_top1"]) < 1.0
+
+
 def _semantic_terms_and_grads(negatives, online, target, semantic, valid):
   def term(name):
     fn = lambda o: losses.semppl_loss(o, target, semantic, valid, temperature=TAU,
