@@ -249,8 +249,13 @@ class OrbaxCheckpointer:
     logging.info("Saved checkpoint %s/%s.", ckpt_series, pending.step)
 
   def _drop_manager(self, ckpt_series: str) -> None:
-    """Forgets a series' manager after a failed save (the next use opens a fresh one)."""
+    """Forgets a series' manager after a failed save (the next use opens a fresh one), once
+    Orbax's background work on that save has ended."""
     manager = self._managers.pop(ckpt_series)
+    try:
+      manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # The failure being reported.
     try:
       manager.close()
     except Exception:  # pylint: disable=broad-except

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 from etils import epath
@@ -134,12 +135,27 @@ def _tmp_dirs(directory: str) -> set[str]:
   return {n for n in os.listdir(directory) if _ocp().path.step.TMP_DIR_SUFFIX in n}
 
 
+# How long a failed save's temporary directory is watched after its removal.
+_SETTLE_S = 1.0
+
+
 def _remove_own_tmp_dirs(directory: str, step: int, before: set[str]) -> None:
   """Removes the temporary directories of this save of ``step`` only: those named for ``step``
-  that were not there before it started (never another writer's save in progress)."""
-  for name in _tmp_dirs(directory) - before:
-    if name.split(".", 1)[0] == str(step):
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  that were not there before it started (never another writer's save in progress).
+
+  A failed save is reported at its first error, while Orbax's other writers of that save (its
+  helper threads, TensorStore) may still create files there for a moment, re-creating the
+  directory after a first removal (seen with asynchronous saves on a full disk); so it is
+  removed again for :data:`_SETTLE_S` seconds. Failure paths only.
+  """
+  deadline = time.monotonic() + _SETTLE_S
+  while True:
+    for name in _tmp_dirs(directory) - before:
+      if name.split(".", 1)[0] == str(step):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if time.monotonic() > deadline:
+      return
+    time.sleep(0.05)
 
 
 def _complete_steps(directory: str) -> list[int]:
