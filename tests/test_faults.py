@@ -14,8 +14,8 @@ What is injected, and what must hold afterwards:
 
 Checkpoints are saved asynchronously, as the launcher does by default
 (``config.save_checkpoint_async``), so every kill and failure above also hits the background
-writer. Launches are slow (30-60 s each on 2 cores), so the uninterrupted reference run is shared by
-the tests of this module, and each launch is bounded by a timeout.
+writer. Launches are slow (30-60 s each on 2 cores), so the uninterrupted reference run is
+shared by the tests of this module, and each launch is bounded by a timeout.
 """
 import os
 import random

@@ -285,10 +285,12 @@ def test_guard_names_the_first_nonfinite_metric_or_state_field(state):
   metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0),
              "augm_contrastive": jnp.float32(0.5)}
   names = nonfinite_guard.nonfinite_check_names(metrics)
-  assert names == ("loss", "grad_norm", "augm_contrastive") + nonfinite_guard.GUARDED_STATE_FIELDS
+  assert names == (("loss", "grad_norm", "augm_contrastive")
+                   + nonfinite_guard.GUARDED_STATE_FIELDS)
   new = state._replace(step=state.step + 1)
 
-  assert int(nonfinite_guard.guard_nonfinite(state, new, metrics).step) == 1  # All finite: accepted.
+  # All finite: accepted.
+  assert int(nonfinite_guard.guard_nonfinite(state, new, metrics).step) == 1
   inf_params = dict(new.online_params)
   module = sorted(inf_params)[0]
   inf_params[module] = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf),
