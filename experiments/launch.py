@@ -114,9 +114,12 @@ def checkpointer_factory(config, mode):
   metadata = run_config.run_metadata(config)
   check = functools.partial(run_config.check_resume, current=metadata,
                             allowed=_ALLOW_CONFIG_CHANGE.value)
+  # Asynchronous saves: jaxline's final save is followed by wait_for_checkpointing_to_finish
+  # (also after a SIGTERM), each save first waits for the one before, and a run that fails
+  # still finishes its save in flight before the process (and its run lock) ends.
   checkpointer = checkpointing.OrbaxCheckpointer(
-      directory, max_to_keep=config.max_checkpoints_to_keep, run_metadata=metadata,
-      check_resume=check)
+      directory, max_to_keep=config.max_checkpoints_to_keep,
+      save_async=config.save_checkpoint_async, run_metadata=metadata, check_resume=check)
   checkpointer.check_resume("latest")  # Refuses before the experiment is built.
   return checkpointer
 

@@ -26,6 +26,9 @@ def launch_config(*, experiment_class: str, training_steps, checkpoint_dir,
   config.log_tensors_interval = 4 * log_interval
   config.save_checkpoint_interval = save_interval
   config.max_checkpoints_to_keep = max_checkpoints_to_keep
+  # Checkpoints are written in the background while training goes on (the step waits only for
+  # the host copy of the state); False: every save blocks until it is on disk.
+  config.save_checkpoint_async = True
   config.checkpoint_dir = checkpoint_dir
   config.train_checkpoint_all_hosts = True  # Orbax saves are collective: every host takes part.
   config.experiment_kwargs = config_dict.ConfigDict(dict(config=experiment_config))

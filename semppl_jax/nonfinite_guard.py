@@ -5,8 +5,15 @@ new state are not all finite is refused without a host sync, and the first faili
 recorded in the state's ``nonfinite_step`` / ``nonfinite_check`` fields
 (``semppl_jax.train.TrainState``), which the experiment names with
 :func:`nonfinite_check_names`.
+
+What it costs per step: one finiteness reduction per checked leaf (each a read, no write) and
+one ``lax.cond`` choosing between the updated and the previous state. The queue, the one big
+leaf (``[L, Q, D]``; 4 GiB at the paper's Q = 2^20 with two queues), is not re-read: the guard
+checks the items written into it this step (``enqueued``), which is enough because every queue
+it ever accepted was finite. BENCHMARKS.md "Asynchronous checkpoints (issue #20)" has the
+compiled program's bytes with and without the guard.
 """
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +48,24 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
-def guard_nonfinite(state: Any, new_state: Any,
-                    metrics: Mapping[str, jax.Array]) -> Any:
+def _queue_finite(state: Any, new_state: Any, enqueued: Optional[jax.Array]) -> jax.Array:
+  """bool []: the updated queue is finite, read as cheaply as its update allows.
+
+  An unchanged queue (the same object: the step did not enqueue) is finite, and so is one
+  whose new items ``enqueued`` are (cast to the queue's dtype, as the enqueue stores them): the
+  queue the step started from was accepted by this guard before (or is a fresh or restored
+  one, and only guarded states are saved). Only without ``enqueued`` is the whole updated queue
+  reduced.
+  """
+  if new_state.queue is state.queue:
+    return jnp.asarray(True)
+  if enqueued is None:
+    return _all_finite(new_state.queue)
+  return jnp.all(jnp.isfinite(jnp.asarray(enqueued).astype(new_state.queue.embeddings.dtype)))
+
+
+def guard_nonfinite(state: Any, new_state: Any, metrics: Mapping[str, jax.Array], *,
+                    enqueued: Optional[jax.Array] = None) -> Any:
   """``new_state`` if every check of :func:`nonfinite_check_names` is finite, else ``state``.
 
   On device, without a host sync: the refused update leaves ``state`` (step included) as it
@@ -50,23 +73,36 @@ def guard_nonfinite(state: Any, new_state: Any,
   failing check in ``nonfinite_check``. The guard is sticky: once set, later updates are
   refused too, so the state is the last finite one until the host sees the flag and stops.
 
+  The metrics are checked first ('loss' and 'grad_norm' catch a non-finite gradient, hence
+  parameters and optimiser state), then each field of :data:`GUARDED_STATE_FIELDS` of
+  ``new_state``: those also catch what no metric shows (NaN pixels can leave the loss finite
+  and poison the BatchNorm statistics in ``online_state``). The 'queue' check looks at
+  ``enqueued`` only (see :func:`_queue_finite`).
+
   Args:
-    state: the state the step started from.
+    state: the state the step started from (its queue finite, as every state this guard
+      accepted).
     new_state: the updated state.
     metrics: the step's metrics (float32 [] each).
+    enqueued: float [..., D], every item the step wrote into ``new_state.queue`` (more rows
+      are allowed: then they are checked too); None: the whole updated queue is checked.
 
   Returns:
     The state to keep.
   """
   names = nonfinite_check_names(metrics)
-  checked = dict(metrics, **{f: getattr(new_state, f) for f in GUARDED_STATE_FIELDS})
-  finite = jnp.stack([_all_finite(checked[n]) for n in names])  # bool [len(names)]
+  checks = {n: jnp.all(jnp.isfinite(metrics[n])) for n in metrics}
+  checks.update({f: _all_finite(getattr(new_state, f)) for f in GUARDED_STATE_FIELDS
+                 if f != "queue"})
+  checks["queue"] = _queue_finite(state, new_state, enqueued)
+  finite = jnp.stack([checks[n] for n in names])  # bool [len(names)]
   clear = state.nonfinite_step < 0
   accept = clear & jnp.all(finite)
   # One conditional, not a select per leaf: XLA fuses the scalar tail that computes ``accept``
-  # (every leaf's finiteness flag, the metrics' last scalar ops) into each leaf's select, so the
-  # program grew with leaves x checks and the ResNet-50 step (~1000 state leaves) did not finish
-  # compiling on CPU in 20 minutes. A conditional's predicate is computed once.
+  # into each leaf's select, so the program grew with leaves x checks and the ResNet-50 step
+  # (~1000 state leaves) did not finish compiling on CPU in 20 minutes; a select per leaf also
+  # reads both states in full. A conditional's predicate is computed once, and the compiled
+  # step moves 0.02 queue sizes more with it than without any guard (BENCHMARKS.md, issue #20).
   kept = jax.lax.cond(accept, lambda: new_state, lambda: state)
   newly_bad = clear & ~jnp.all(finite)
   first_bad = jnp.argmax(~finite).astype(jnp.int32)

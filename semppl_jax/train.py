@@ -839,4 +839,5 @@ def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.A
         target_state=fwd.target_state, queue=new_queue)
     metrics["ema_decay"] = decay
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-  return nonfinite_guard.guard_nonfinite(state, new_state, metrics), metrics
+  return nonfinite_guard.guard_nonfinite(state, new_state, metrics,
+                                        enqueued=fwd.target_projections), metrics

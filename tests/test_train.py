@@ -287,10 +287,12 @@ def test_guard_names_the_first_nonfinite_metric_or_state_field(state):
   metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0),
              "augm_contrastive": jnp.float32(0.5)}
   names = nonfinite_guard.nonfinite_check_names(metrics)
-  assert names == ("loss", "grad_norm", "augm_contrastive") + nonfinite_guard.GUARDED_STATE_FIELDS
+  assert names == (("loss", "grad_norm", "augm_contrastive")
+                   + nonfinite_guard.GUARDED_STATE_FIELDS)
   new = state._replace(step=state.step + 1)
 
-  assert int(nonfinite_guard.guard_nonfinite(state, new, metrics).step) == 1  # All finite: accepted.
+  # All finite: accepted.
+  assert int(nonfinite_guard.guard_nonfinite(state, new, metrics).step) == 1
   inf_params = dict(new.online_params)
   module = sorted(inf_params)[0]
   inf_params[module] = jax.tree_util.tree_map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf),
@@ -303,6 +305,42 @@ def test_guard_names_the_first_nonfinite_metric_or_state_field(state):
   bad_metrics = dict(metrics, grad_norm=jnp.float32(np.inf), augm_contrastive=jnp.float32(np.nan))
   kept = nonfinite_guard.guard_nonfinite(state, new, bad_metrics)
   assert names[int(kept.nonfinite_check)] == "grad_norm"  # The first of the two, in order.
+
+
+def test_guard_checks_the_queue_through_what_was_enqueued(state):
+  metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)}
+  names = nonfinite_guard.nonfinite_check_names(metrics)
+  L, Q, D = state.queue.embeddings.shape
+  items = jnp.ones((L, 4, D), jnp.float32)
+  new = state._replace(step=state.step + 1, queue=queue_lib.enqueue(state.queue, items,
+                                                                     jnp.zeros(4, jnp.int32)))
+  accepted = nonfinite_guard.guard_nonfinite(state, new, metrics, enqueued=items)
+  assert int(accepted.step) == 1 and int(accepted.nonfinite_step) == -1
+  chex.assert_trees_all_equal(accepted.queue, new.queue)
+
+  # A non-finite item: refused as 'queue', whether given as `enqueued` or found in the whole
+  # updated queue (enqueued=None).
+  bad = items.at[1, 2, 3].set(jnp.nan)
+  bad_new = new._replace(queue=queue_lib.enqueue(state.queue, bad, jnp.zeros(4, jnp.int32)))
+  for enqueued in (bad, None):
+    kept = nonfinite_guard.guard_nonfinite(state, bad_new, metrics, enqueued=enqueued)
+    _assert_same_state_but_guard(kept, state)
+    assert int(kept.nonfinite_step) == 1 and names[int(kept.nonfinite_check)] == "queue"
+  # Only `enqueued` is read, not the queue: a finite float32 item that overflows the queue's
+  # dtype counts, an entry elsewhere in the queue does not (every accepted queue was finite).
+  half = state._replace(queue=state.queue._replace(
+      embeddings=state.queue.embeddings.astype(jnp.float16)))
+  big = jnp.full((L, 4, D), 1e6, jnp.float32)
+  half_new = half._replace(queue=queue_lib.enqueue(half.queue, big, jnp.zeros(4, jnp.int32)))
+  kept = nonfinite_guard.guard_nonfinite(half, half_new, metrics, enqueued=big)
+  assert names[int(kept.nonfinite_check)] == "queue"
+  poisoned = new._replace(queue=new.queue._replace(
+      embeddings=new.queue.embeddings.at[0, Q - 1, 0].set(jnp.inf)))
+  kept = nonfinite_guard.guard_nonfinite(state, poisoned, metrics, enqueued=items)
+  assert int(kept.nonfinite_step) == -1 and int(kept.step) == 1
+  # A step that does not enqueue (supervised) leaves the queue object as it is: not read.
+  same = nonfinite_guard.guard_nonfinite(state, state._replace(step=state.step + 1), metrics)
+  assert int(same.nonfinite_step) == -1 and int(same.step) == 1
 
 
 def test_guard_fields_stay_out_of_checkpoint_dicts(state):

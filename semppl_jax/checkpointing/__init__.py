@@ -10,8 +10,11 @@ One concern per module; every public name is re-exported here, so
   :func:`verify_released_checkpoint`, :func:`expected_tree` ...).
 * :mod:`.export`: :func:`export_release_checkpoint`, the writer of that format.
 * :mod:`.training`: Orbax training checkpoints (:func:`save_state`, :func:`restore_latest`,
-  :class:`OrbaxCheckpointer` for jaxline ...), each with a checksum manifest
-  (:func:`write_manifest`, :func:`verify_manifest`).
+  :func:`read_experiment_snapshot` ...).
+* :mod:`.experiment_checkpointer`: :class:`OrbaxCheckpointer`, the jaxline checkpointer
+  (synchronous or asynchronous saves).
+* :mod:`.manifest`: the checksum manifest of every checkpoint (:func:`write_manifest`,
+  :func:`verify_manifest`).
 * :mod:`.run_lock`: one writer per run directory (:func:`lock_run_directory`).
 """
 from semppl_jax.checkpointing.errors import CheckpointError
@@ -24,19 +27,19 @@ from semppl_jax.checkpointing.release import ModuleTree
 from semppl_jax.checkpointing.release import ReleasedCheckpoint
 from semppl_jax.checkpointing.release import verify_checkpoint_tree
 from semppl_jax.checkpointing.release import verify_released_checkpoint
-from semppl_jax.checkpointing.training import ExperimentState
+from semppl_jax.checkpointing.experiment_checkpointer import ExperimentState
+from semppl_jax.checkpointing.experiment_checkpointer import OrbaxCheckpointer
 from semppl_jax.checkpointing.training import latest_step
 from semppl_jax.checkpointing.training import newest_checkpoint_dir
+from semppl_jax.checkpointing.manifest import verify_manifest
+from semppl_jax.checkpointing.manifest import write_manifest
 from semppl_jax.checkpointing.run_lock import lock_run_directory
 from semppl_jax.checkpointing.run_lock import RunDirectoryLocked
 from semppl_jax.checkpointing.run_lock import RunLock
-from semppl_jax.checkpointing.training import OrbaxCheckpointer
 from semppl_jax.checkpointing.training import read_experiment_snapshot
 from semppl_jax.checkpointing.training import restore_latest
 from semppl_jax.checkpointing.training import ResumeRefused
 from semppl_jax.checkpointing.training import save_state
-from semppl_jax.checkpointing.training import verify_manifest
-from semppl_jax.checkpointing.training import write_manifest
 from semppl_jax.checkpointing.unpickler import ALLOWED_GLOBALS
 
 __all__ = [

@@ -1,19 +1,18 @@
-"""Orbax training checkpoints: pytrees of arrays, and a jaxline checkpointer.
+"""Orbax training checkpoints: pytrees of arrays, and readers of the jaxline checkpointer's.
 
 :func:`save_state` / :func:`restore_latest` / :func:`latest_step` store any pytree of arrays with
 Orbax (written to a temporary directory and renamed when complete, keeping the last
-``max_to_keep``). :class:`OrbaxCheckpointer` is a disk checkpointer for jaxline 0.0.8
-(``platform.main(..., checkpointer_factory=...)``) with the interface of jaxline's
-``InMemoryCheckpointer``. Orbax saves are collective: with several processes every process must
-call save (jaxline: ``train_checkpoint_all_hosts=True``).
+``max_to_keep``), each with a checksum manifest (:mod:`.manifest`).
+:func:`read_experiment_snapshot` / :func:`newest_checkpoint_dir` read what the jaxline
+checkpointer (:class:`~semppl_jax.checkpointing.experiment_checkpointer.OrbaxCheckpointer`)
+wrote; the Orbax helpers here are shared with it. Orbax saves are collective: with several
+processes every process must call save.
 """
 import errno
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 from etils import epath
@@ -21,6 +20,14 @@ import jax
 import numpy as np
 
 from semppl_jax.checkpointing.errors import CheckpointError, clip
+# Re-exported: callers name them here (checkpointing.training.MANIFEST_NAME ...).
+from semppl_jax.checkpointing.manifest import MANIFEST_NAME  # noqa: F401
+from semppl_jax.checkpointing.manifest import verify_manifest
+from semppl_jax.checkpointing.manifest import write_manifest
+
+# Items of a checkpoint written by the jaxline checkpointer (experiment_checkpointer.py).
+META_ITEM = "jaxline_meta"
+MODULE_KEY = "experiment_module"
 
 
 def _ocp():
@@ -128,12 +135,27 @@ def _tmp_dirs(directory: str) -> set[str]:
   return {n for n in os.listdir(directory) if _ocp().path.step.TMP_DIR_SUFFIX in n}
 
 
+# How long a failed save's temporary directory is watched after its removal.
+_SETTLE_S = 1.0
+
+
 def _remove_own_tmp_dirs(directory: str, step: int, before: set[str]) -> None:
   """Removes the temporary directories of this save of ``step`` only: those named for ``step``
-  that were not there before it started (never another writer's save in progress)."""
-  for name in _tmp_dirs(directory) - before:
-    if name.split(".", 1)[0] == str(step):
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  that were not there before it started (never another writer's save in progress).
+
+  A failed save is reported at its first error, while Orbax's other writers of that save (its
+  helper threads, TensorStore) may still create files there for a moment, re-creating the
+  directory after a first removal (seen with asynchronous saves on a full disk); so it is
+  removed again for :data:`_SETTLE_S` seconds. Failure paths only.
+  """
+  deadline = time.monotonic() + _SETTLE_S
+  while True:
+    for name in _tmp_dirs(directory) - before:
+      if name.split(".", 1)[0] == str(step):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if time.monotonic() > deadline:
+      return
+    time.sleep(0.05)
 
 
 def _complete_steps(directory: str) -> list[int]:
@@ -158,108 +180,8 @@ def _save_failed(directory: str, step: int, error: Exception,
       f"checkpoints there are {kept or 'none'}")
 
 
-MANIFEST_NAME = "semppl_manifest.json"
-_HASH = "sha256"
-_CHUNK = 1 << 22
-
-
 class ResumeRefused(CheckpointError):
   """The run being resumed was saved with a config that differs in a run-defining field."""
-
-
-def _file_digest(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.file_digest(f, _HASH).hexdigest()
-
-
-def _data_files(step_dir: str) -> list[str]:
-  """Paths (relative, sorted) of every file of a checkpoint directory but the manifest."""
-  out = []
-  for root, dirs, files in os.walk(step_dir):
-    dirs.sort()
-    for name in files:
-      rel = os.path.relpath(os.path.join(root, name), step_dir)
-      if rel != MANIFEST_NAME and not name.startswith(f".{MANIFEST_NAME}."):
-        out.append(rel)
-  return sorted(out)
-
-
-def write_manifest(step_dir: Any) -> None:
-  """Writes ``<step_dir>/semppl_manifest.json``: the size and SHA-256 of every file of a
-  complete (committed) checkpoint, written atomically (temporary file, fsync, rename).
-
-  Local directories only; a bucket URL is left without a manifest (restores then say it is
-  unverified). Written by process 0 only (Orbax's primary host, which commits the checkpoint
-  after every process has written its shards); every process verifies it on restore.
-  """
-  step_dir = os.fspath(step_dir)
-  if "://" in step_dir or jax.process_index() != 0:
-    return
-  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
-                 _HASH: _file_digest(os.path.join(step_dir, rel))}
-           for rel in _data_files(step_dir)}
-  tmp = os.path.join(step_dir, f".{MANIFEST_NAME}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "w") as f:
-      json.dump({"algorithm": _HASH, "files": files}, f, indent=0, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(step_dir, MANIFEST_NAME))
-  except OSError as e:
-    # The checkpoint itself is complete; without a manifest it is restored unverified.
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    logging.warning("Checkpoint %s is complete, but its checksum manifest could not be written "
-                    "(%s); it will be restored unverified.", step_dir, e)
-
-
-def verify_manifest(step_dir: Any) -> bool:
-  """Checks every file of a checkpoint against its manifest (:func:`write_manifest`).
-
-  Returns:
-    True when verified; False when the checkpoint has no manifest (written before manifests
-    existed, by a run killed between committing the checkpoint and writing it, or on a bucket):
-    a warning says it is unverified.
-
-  Raises:
-    CheckpointError: the manifest is unreadable, or a listed file is missing, has another size
-      or another checksum (naming the file and the checkpoint).
-  """
-  step_dir = os.fspath(step_dir)
-  if "://" in step_dir:
-    return False
-  path = os.path.join(step_dir, MANIFEST_NAME)
-  if not os.path.exists(path):
-    logging.warning("Checkpoint %s has no checksum manifest (%s); its files are not verified.",
-                    step_dir, MANIFEST_NAME)
-    return False
-  try:
-    with open(path) as f:
-      manifest = json.load(f)
-    files = manifest["files"]
-    if manifest["algorithm"] != _HASH or not isinstance(files, dict):
-      raise ValueError(f"algorithm {manifest['algorithm']!r}")
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f"checkpoint {step_dir}: its checksum manifest {MANIFEST_NAME} is "
-                          f"unreadable ({type(e).__name__}: {clip(str(e), 200)})") from None
-  for rel, entry in sorted(files.items()):
-    full = os.path.join(step_dir, rel)
-    try:
-      size = os.path.getsize(full)
-      digest = _file_digest(full) if size == entry["size"] else None
-    except FileNotFoundError:
-      raise CheckpointError(f"checkpoint {step_dir}: file {rel} is missing (listed in "
-                            f"{MANIFEST_NAME})") from None
-    except (OSError, KeyError, TypeError) as e:
-      raise CheckpointError(f"checkpoint {step_dir}: file {rel} cannot be checked "
-                            f"({type(e).__name__}: {clip(str(e), 200)})") from None
-    if size != entry["size"]:
-      raise CheckpointError(f"checkpoint {step_dir}: file {rel} has {size:,} bytes, its "
-                            f"manifest says {entry['size']:,} (truncated or rewritten)")
-    if digest != entry.get(_HASH):
-      raise CheckpointError(f"checkpoint {step_dir}: file {rel} fails its {_HASH} checksum "
-                            "(its bytes changed after the save: a flipped bit or an overwrite)")
-  return True
 
 
 def _restore_newest_readable(where: str, steps: Iterable[int],
@@ -391,7 +313,7 @@ def _checkpoint_dirs(path: Any) -> list[str]:
   if not root.is_dir():
     raise CheckpointError(f"{path!r} is not a directory; expected a run's "
                           "'<checkpoint_dir>/checkpoints' (e.g. runs/fashion_mnist/checkpoints).")
-  if (root / _MODULE_KEY).is_dir():
+  if (root / MODULE_KEY).is_dir():
     return [str(root)]
   series = root / "latest"
   series = series if series.is_dir() else root
@@ -424,12 +346,12 @@ def _read_snapshot_dir(step_dir: str, select: Any) -> tuple[int | None, Any]:
   """:func:`read_experiment_snapshot` of one checkpoint directory (any failure raises)."""
   ocp = _ocp()
   verify_manifest(step_dir)
-  item_dir = epath.Path(step_dir) / _MODULE_KEY
+  item_dir = epath.Path(step_dir) / MODULE_KEY
   handler = ocp.PyTreeCheckpointer()
   metadata = handler.metadata(item_dir)
   item_metadata = getattr(metadata, "item_metadata", None)
   if item_metadata is None or getattr(item_metadata, "tree", None) is None:
-    raise CheckpointError(f"{step_dir}: the metadata of {_MODULE_KEY} is unreadable")
+    raise CheckpointError(f"{step_dir}: the metadata of {MODULE_KEY} is unreadable")
   tree = item_metadata.tree["value"]
   try:
     wanted = {"value": select(tree) if select is not None else tree}
@@ -441,11 +363,11 @@ def _read_snapshot_dir(step_dir: str, select: Any) -> tuple[int | None, Any]:
   restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
       item=item, restore_args=restore_args, partial_restore=select is not None))["value"]
   global_step = None
-  meta_dir = epath.Path(step_dir) / _META_ITEM
+  meta_dir = epath.Path(step_dir) / META_ITEM
   if meta_dir.is_dir():
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(meta_dir)
     entry = meta.get("json", {}).get("global_step")
-    global_step = None if entry is None else int(_from_json_entry(entry))
+    global_step = None if entry is None else int(from_json_entry(entry))
   return global_step, jax.tree_util.tree_map(np.asarray, restored)
 
 
@@ -499,7 +421,7 @@ def _check_shapes(step_dir: str, template: Any) -> None:
   restore to report."""
   try:
     saved = _ocp().PyTreeCheckpointer().metadata(
-        epath.Path(step_dir) / _MODULE_KEY).item_metadata.tree["value"]
+        epath.Path(step_dir) / MODULE_KEY).item_metadata.tree["value"]
     saved_shapes = {jax.tree_util.keystr(p): tuple(m.shape)
                     for p, m in jax.tree_util.tree_leaves_with_path(saved)}
   except Exception:  # pylint: disable=broad-except
@@ -518,53 +440,7 @@ def _check_shapes(step_dir: str, template: Any) -> None:
         "sizes, queue size, number of views or classes ...):\n" + "\n".join(shown))
 
 
-class ExperimentState:
-  """Attribute container jaxline's train/eval loops fill (``global_step``, ``experiment_module``,
-  ``train_step_rng``, ``best_eval_metric_value`` ...); one per checkpoint series."""
-
-  def __init__(self):
-    object.__setattr__(self, "_values", {})
-
-  def __getattr__(self, name: str) -> Any:
-    try:
-      return self._values[name]
-    except KeyError:
-      raise AttributeError(name) from None
-
-  def __setattr__(self, name: str, value: Any) -> None:
-    self._values[name] = value
-
-  def __delattr__(self, name: str) -> None:
-    del self._values[name]
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._values
-
-  def __getitem__(self, name: str) -> Any:
-    return self._values[name]
-
-  def __setitem__(self, name: str, value: Any) -> None:
-    self._values[name] = value
-
-  def items(self):
-    """``(name, value)`` pairs, in assignment order."""
-    return list(self._values.items())
-
-  def keys(self):
-    """Attribute names, in assignment order."""
-    return list(self._values)
-
-  def to_dict(self) -> dict:
-    """A shallow dict copy."""
-    return dict(self._values)
-
-
-_META_ITEM = "jaxline_meta"
-_MODULE_KEY = "experiment_module"
-_SERIES_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-def _json_entry(value: Any) -> dict | None:
+def json_entry(value: Any) -> dict | None:
   """JSON form of a scalar / string / None experiment-state entry; None if it is not one."""
   if value is None or isinstance(value, (bool, int, float, str)):
     return {"value": value, "numpy_dtype": None}
@@ -573,289 +449,7 @@ def _json_entry(value: Any) -> dict | None:
   return None
 
 
-def _from_json_entry(entry: Mapping) -> Any:
+def from_json_entry(entry: Mapping) -> Any:
   if entry["numpy_dtype"] is None:
     return entry["value"]
   return np.asarray(entry["value"], dtype=np.dtype(entry["numpy_dtype"]))[()]
-
-
-class OrbaxCheckpointer:
-  """jaxline 0.0.8 checkpointer writing Orbax checkpoints to disk (``InMemoryCheckpointer`` API).
-
-  Each ``save(series)`` writes one Orbax checkpoint ``directory/<series>/<global_step>`` (the
-  series' jaxline ``global_step``; a state without one is numbered after the newest) holding, from
-  the series' experiment state: the experiment module's ``snapshot_state()`` pytree (item
-  ``experiment_module``), every other array-valued entry (``train_step_rng`` ...) as its own item,
-  and the scalar / string / None entries (``global_step``, ``best_eval_metric_value`` ...) as
-  JSON. Only the newest ``max_to_keep`` are kept. A save at the global step of the newest
-  checkpoint is skipped: jaxline's final save repeats its last periodic one, and nothing has
-  changed in between. ``restore(series)`` restores the newest one into the current state: the
-  module snapshot is restored with the current ``experiment_module.snapshot_state()`` as the
-  template (so each array comes back with the template's sharding and dtype) and handed to
-  ``restore_from_snapshot``; other array entries use their current value as the template, or come
-  back as host numpy arrays when the current value is None. A new checkpointer on the same
-  directory (a restarted job) sees the saved checkpoints.
-
-  Integrity: once a checkpoint is complete on disk, a manifest of its files' SHA-256 sums is
-  written into it (:func:`write_manifest`); ``restore`` verifies it first, so a flipped bit or
-  a torn copy is a damaged checkpoint (skipped with a warning naming the file and the step).
-
-  Run identity: ``run_metadata`` (e.g. the resolved config and the package version) is stored
-  with every checkpoint; on ``restore`` the stored one is handed to ``check_resume``, which
-  raises :class:`ResumeRefused` to refuse resuming (that is never skipped like damage).
-
-  Args:
-    directory: root directory (local path or an Orbax-supported URL).
-    max_to_keep: checkpoints kept per series (>= 1).
-    save_async: write in a background thread (``save`` returns after the device-to-host copy);
-      ``wait_for_checkpointing_to_finish`` waits for it.
-    run_metadata: JSON-serialisable mapping stored with every checkpoint.
-    check_resume: ``check_resume(stored_run_metadata_or_None, checkpoint_dir)``, called before
-      a checkpoint is restored.
-  """
-
-  def __init__(self, directory: Any, max_to_keep: int, save_async: bool = False, *,
-               run_metadata: Mapping[str, Any] | None = None,
-               check_resume: Callable[[Any, str], None] | None = None):
-    self._directory = _dir(directory)
-    self._max_to_keep = _check_max_to_keep(max_to_keep)
-    self._save_async = bool(save_async)
-    self._run_metadata = None if run_metadata is None else json.loads(json.dumps(run_metadata))
-    self._check_resume = check_resume
-    self._states: dict[str, ExperimentState] = {}
-    self._managers: dict[str, Any] = {}
-    # Series -> steps newer than the one restore() fell back to.
-    self._unreadable: dict[str, set[int]] = {}
-    # Series -> (step, temporary directories before it) of the last save started.
-    self._pending: dict[str, tuple[int, set[str]]] = {}
-
-  def _series_manager(self, series: str):
-    if not isinstance(series, str) or not _SERIES_NAME.fullmatch(series) or series in (".", ".."):
-      raise ValueError(f"ckpt_series must be a plain name ([A-Za-z0-9_.-]+), got {series!r}")
-    if series not in self._managers:
-      manager = _manager(os.path.join(self._directory, series), self._max_to_keep,
-                         save_async=self._save_async)
-      self._managers[series] = manager
-    return self._managers[series]
-
-  def get_experiment_state(self, ckpt_series: str) -> ExperimentState:
-    """The mutable experiment state of a series (created empty on first use)."""
-    self._series_manager(ckpt_series)
-    return self._states.setdefault(ckpt_series, ExperimentState())
-
-  def save(self, ckpt_series: str) -> None:
-    """Writes the series' current experiment state as a new checkpoint.
-
-    Raises:
-      ValueError: an entry cannot be stored (e.g. a string inside the module snapshot).
-    """
-    ocp = _ocp()
-    manager = self._series_manager(ckpt_series)
-    state = self.get_experiment_state(ckpt_series)
-    items, meta = {}, {"json": {}, "arrays": []}
-    for key, value in state.items():
-      if key == _MODULE_KEY:
-        value = value.snapshot_state()
-      elif (entry := _json_entry(value)) is not None:
-        meta["json"][key] = entry
-        continue
-      items[key] = ocp.args.StandardSave({"value": _savable(value, key)})
-      meta["arrays"].append(key)
-    if self._run_metadata is not None:
-      meta["run"] = self._run_metadata
-    items[_META_ITEM] = ocp.args.JsonSave(meta)
-    self._finish_manifest(ckpt_series)
-    number = self._checkpoint_number(ckpt_series, state)
-    if number is None:
-      return
-    series_dir = os.path.join(self._directory, ckpt_series)
-    tmp_before = _tmp_dirs(series_dir)
-    self._pending[ckpt_series] = (number, tmp_before)
-    try:
-      manager.save(number, args=ocp.args.Composite(**items))
-      if not self._save_async:
-        manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      self._pending.pop(ckpt_series, None)
-      self._drop_manager(ckpt_series)
-      raise _save_failed(series_dir, number, e, tmp_before) from e
-    if not self._save_async:
-      self._finish_manifest(ckpt_series)
-    logging.info("Saved checkpoint %s/%s.", ckpt_series, number)
-
-  def _finish_manifest(self, ckpt_series: str) -> None:
-    """Writes the manifest of the series' last save once it is complete on disk."""
-    pending = self._pending.pop(ckpt_series, None)
-    if pending is None:
-      return
-    self._managers[ckpt_series].wait_until_finished()
-    step_dir = os.path.join(self._directory, ckpt_series, str(pending[0]))
-    if os.path.isdir(step_dir):
-      write_manifest(step_dir)
-
-  def _drop_manager(self, ckpt_series: str) -> None:
-    """Forgets a series' manager after a failed save (the next use opens a fresh one)."""
-    manager = self._managers.pop(ckpt_series)
-    try:
-      manager.close()
-    except Exception:  # pylint: disable=broad-except
-      logging.warning("Closing the checkpoint manager of %s after a failed save failed too.",
-                      ckpt_series)
-
-  def _checkpoint_number(self, ckpt_series: str, state: ExperimentState) -> int | None:
-    """The directory number of the next save: the global step; None if it is already saved.
-
-    Raises:
-      CheckpointError: the global step is not an int >= 0, or older than the newest checkpoint
-        (two runs writing to one directory).
-    """
-    manager = self._managers[ckpt_series]
-    # Checkpoints that restore() found unreadable are replaced, not kept as the newest ones.
-    for bad in sorted(self._unreadable.pop(ckpt_series, ())):
-      logging.warning("Removing the unreadable checkpoint %s/%s/%s before saving.",
-                      self._directory, ckpt_series, bad)
-      manager.delete(bad)
-    latest = manager.latest_step()
-    step = state.global_step if "global_step" in state else None
-    if step is None:
-      return 0 if latest is None else latest + 1
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-      raise CheckpointError(f"{ckpt_series}: global_step must be an int >= 0 to number the "
-                            f"checkpoint, got {step!r}")
-    step = int(step)
-    if latest is not None and step == latest:
-      logging.info("Checkpoint %s/%s exists; nothing to save.", ckpt_series, step)
-      return None
-    if latest is not None and step < latest:
-      raise CheckpointError(
-          f"cannot save {ckpt_series} at global step {step}: {self._directory}/{ckpt_series} "
-          f"already holds the newer checkpoint {latest} (is another run writing there?)")
-    return step
-
-  def _latest(self, ckpt_series: str) -> int | None:
-    manager = self._series_manager(ckpt_series)
-    manager.reload()  # See checkpoints written by other checkpointers (eval vs train).
-    return manager.latest_step()
-
-  def can_be_restored(self, ckpt_series: str) -> bool:
-    """Whether the series has a complete checkpoint on disk."""
-    return self._latest(ckpt_series) is not None
-
-  def restore_path(self, ckpt_series: str) -> str | None:
-    """Directory of the newest checkpoint of the series, or None."""
-    step = self._latest(ckpt_series)
-    return None if step is None else os.path.join(self._directory, ckpt_series, str(step))
-
-  def check_resume(self, ckpt_series: str) -> None:
-    """Runs ``check_resume`` on the newest checkpoint of the series now (before any state is
-    built); a checkpoint whose metadata is unreadable is left to :meth:`restore`.
-
-    Raises:
-      ResumeRefused: from ``check_resume``.
-    """
-    if self._check_resume is None or self._latest(ckpt_series) is None:
-      return
-    ocp = _ocp()
-    step = self._managers[ckpt_series].latest_step()
-    try:
-      meta = self._managers[ckpt_series].restore(step, args=ocp.args.Composite(
-          **{_META_ITEM: ocp.args.JsonRestore()}))[_META_ITEM]
-    except Exception:  # pylint: disable=broad-except
-      return  # Damaged: restore() reports it and falls back (and checks the older one).
-    self._check_resume(meta.get("run"), os.path.join(self._directory, ckpt_series, str(step)))
-
-  def restore(self, ckpt_series: str) -> None:
-    """Restores the newest readable checkpoint into the series' experiment state.
-
-    A checkpoint that cannot be restored (files failing their checksums, corrupt or missing
-    files, an empty step directory, entries that do not fit the current state) is logged as a
-    warning naming its directory and the reason, and the next older one is tried; the state is
-    only changed by the one that restores completely.
-
-    Raises:
-      CheckpointError: no checkpoint, or none can be restored (each one's reason is listed).
-      ResumeRefused: ``check_resume`` refused the stored run metadata, or arrays of the saved
-        snapshot have other shapes than the current state's (each named); older checkpoints
-        are not tried (they belong to the same run).
-    """
-    if self._latest(ckpt_series) is None:
-      raise CheckpointError(f"no checkpoint to restore in {self._directory}/{ckpt_series}")
-    manager = self._managers[ckpt_series]
-    state = self.get_experiment_state(ckpt_series)
-    steps = manager.all_steps()
-    step, values = _restore_newest_readable(
-        os.path.join(self._directory, ckpt_series), steps,
-        lambda step: self._read_step(manager, ckpt_series, step, state))
-    self._unreadable[ckpt_series] = {s for s in steps if s > step}
-    for key, value in values.items():
-      if key == _MODULE_KEY:
-        state[key].restore_from_snapshot(value)
-      else:
-        state[key] = value
-    logging.info("Restored checkpoint %s/%s.", ckpt_series, step)
-
-  def _read_step(self, manager: Any, ckpt_series: str, step: int, state: ExperimentState
-                 ) -> dict[str, Any]:
-    """The values of checkpoint ``step`` for every entry of ``state`` (state is unchanged)."""
-    ocp = _ocp()
-    step_dir = os.path.join(self._directory, ckpt_series, str(step))
-    verify_manifest(step_dir)
-    meta = manager.restore(step, args=ocp.args.Composite(
-        **{_META_ITEM: ocp.args.JsonRestore()}))[_META_ITEM]
-    if self._check_resume is not None:
-      self._check_resume(meta.get("run"), step_dir)
-    saved = set(meta["json"]) | set(meta["arrays"])
-    missing = [k for k in state.keys() if k not in saved]
-    if missing:
-      raise CheckpointError(f"checkpoint {ckpt_series}/{step} lacks experiment-state entries "
-                            f"{missing}; it has {sorted(saved)}")
-    templates, untargeted = {}, []
-    for key in state.keys():
-      if key not in meta["arrays"]:
-        continue
-      template = state[key].snapshot_state() if key == _MODULE_KEY else state[key]
-      if template is None:
-        untargeted.append(key)
-      else:
-        templates[key] = template
-    if _MODULE_KEY in templates:
-      _check_shapes(step_dir, templates[_MODULE_KEY])
-    restored = dict(manager.restore(step, args=ocp.args.Composite(**{
-        key: ocp.args.StandardRestore({"value": _abstract(t, key)})
-        for key, t in templates.items()})))
-    if untargeted:
-      restored.update(manager.restore(step, args=ocp.args.Composite(
-          **{key: ocp.args.StandardRestore() for key in untargeted})))
-    values = {}
-    for key in state.keys():
-      if key in meta["json"]:
-        values[key] = _from_json_entry(meta["json"][key])
-      elif key in templates:
-        values[key] = _like_template(restored[key]["value"], templates[key])
-      else:
-        values[key] = jax.device_get(restored[key]["value"])
-    return values
-
-  def wait_for_checkpointing_to_finish(self) -> None:
-    """Blocks until every pending (async) save is on disk.
-
-    Raises:
-      CheckpointError: a pending save failed (e.g. disk full); only its own temporary files
-        are removed.
-    """
-    for series, manager in list(self._managers.items()):
-      try:
-        manager.wait_until_finished()
-      except Exception as e:  # pylint: disable=broad-except
-        self._drop_manager(series)
-        step, tmp_before = self._pending.pop(series, (manager.latest_step(), set()))
-        raise _save_failed(os.path.join(self._directory, series), step, e, tmp_before) from e
-      self._finish_manifest(series)
-
-  def close(self) -> None:
-    """Waits for pending saves and releases the Orbax managers (the object stays usable)."""
-    for series, manager in self._managers.items():
-      manager.wait_until_finished()
-      self._finish_manifest(series)
-      manager.close()
-    self._managers.clear()
