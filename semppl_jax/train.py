@@ -115,7 +115,11 @@ class LossConfig:
   num_semantic_positives: int = 3
   temperature: float = 0.2
   contrastive_weight: float = 0.3
-  semantic_weight: float = 0.2
+  # α = 5, 'augmentation' negatives, λ_sem = 0 and the 'target' query below: chosen on
+  # Fashion-MNIST validation (BENCHMARKS.md, "Semantic objective"). The first-built form is
+  # semantic_weight=0.2, semantic_negatives='semantic', semantic_invariance_weight=None,
+  # knn_query='prediction'.
+  semantic_weight: float = 5.0
   invariance_weight: float = 5.0
   num_negatives: int = 0  # 0: every other image of the global batch.
   # Ablation switches; the defaults are docs/design.md §2 as written.
@@ -128,9 +132,9 @@ class LossConfig:
   bn_stats_from_large_views_only: bool = False
   # The semantic positive's negatives: 'semantic' (other rows' semantic positives) or
   # 'augmentation' (other images' target projections); see losses.semppl_loss.
-  semantic_negatives: str = "semantic"
+  semantic_negatives: str = "augmentation"
   # λ_sem, the semantic invariance weight; None = invariance_weight.
-  semantic_invariance_weight: Optional[float] = None
+  semantic_invariance_weight: Optional[float] = 0.0
   # Research switch: where y*_i of unlabelled rows comes from. 'knn' (SemPPL), 'oracle' (the
   # hidden true label) or 'noisy_oracle' (the true label with probability oracle_accuracy,
   # else a uniformly drawn other class). The oracles read labels SemPPL never has: they
@@ -141,7 +145,7 @@ class LossConfig:
   # large views, as first built) or 'target' (their target projections: the queues' own space,
   # from the slowly moving EMA network, so the semantic term cannot pull the query directly
   # towards the class it was given; see BENCHMARKS.md "Semantic objective").
-  knn_query: str = "prediction"
+  knn_query: str = "target"
   # Unlabelled images whose winning kNN label holds less than this share of the L x L votes
   # get no pseudo-label (and no semantic positives) this step; 0 keeps every vote.
   min_vote_agreement: float = 0.0

@@ -8,7 +8,8 @@ from semppl_jax import train
 
 
 def test_term_weights_follow_the_loss_composition():
-  lc = train.LossConfig(contrastive_weight=0.3, semantic_weight=5.0, invariance_weight=2.0)
+  lc = train.LossConfig(contrastive_weight=0.3, semantic_weight=5.0, invariance_weight=2.0,
+                        semantic_invariance_weight=None)
   assert grad_terms.term_weights(lc) == pytest.approx(
       {"augm_contrastive": 0.3, "semantic_contrastive": 1.5, "augm_invariance": 2.0,
        "semantic_invariance": 2.0})

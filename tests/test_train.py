@@ -123,7 +123,9 @@ def _hand_assembled_loss(config, state, batch, key):
   l_augm, i_augm = terms([target[l] for l in range(L)])
   total = 0.3 * l_augm + 5.0 * i_augm + float(probe_ce)
   if config.objective == "semppl":
-    pseudo = knn.pseudo_labels(jnp.asarray(online[:L]), state.queue, k=1,
+    lc = config.loss
+    queries = online[:L] if lc.knn_query == "prediction" else target
+    pseudo = knn.pseudo_labels(jnp.asarray(queries), state.queue, k=1,
                                num_classes=NUM_CLASSES)
     is_labelled = np.zeros(B, bool)
     is_labelled[np.asarray(rows)] = True
@@ -131,15 +133,31 @@ def _hand_assembled_loss(config, state, batch, key):
     semantic, valid = semantic_positives.sample_semantic_positives(k_sem, jnp.asarray(y_star),
                                                                    state.queue, 3)
     assert np.all(np.asarray(valid))  # Every class is in the queue: no masking to mirror.
-    l_sem, i_sem = terms([np.asarray(semantic)[l, s] for l in range(L) for s in range(3)])
-    total += 0.3 * 0.2 * l_sem + 5.0 * i_sem
+    semantic = np.asarray(semantic)
+    if lc.semantic_negatives == "semantic":  # First built: the other rows' draws.
+      l_sem, i_sem = terms([semantic[l, s] for l in range(L) for s in range(3)])
+      total += 0.3 * 0.2 * l_sem + 5.0 * i_sem
+    else:  # Row i's own target replaced by its draw; λ_sem = 0: no KL.
+      ce = []
+      for l in range(L):
+        for s in range(3):
+          for a in range(3):
+            logits = online[a] @ target[l].T / 0.2
+            np.fill_diagonal(logits, np.sum(online[a] * semantic[l, s], axis=-1) / 0.2)
+            ce.append(-np.diagonal(np.asarray(jax.nn.log_softmax(logits, axis=-1))))
+      total += 0.3 * 5.0 * float(np.mean(ce))
   return total
 
 
-@pytest.mark.parametrize("objective", ["relic", "semppl"])
+FIRST_BUILT = dict(semantic_weight=0.2, semantic_negatives="semantic",
+                   semantic_invariance_weight=None, knn_query="prediction")
+
+
+@pytest.mark.parametrize("objective, form", [("relic", {}), ("semppl", {}),
+                                             ("semppl", FIRST_BUILT)])
 @pytest.mark.slow
-def test_loss_equals_hand_assembled_sum_of_terms(state, objective):
-  config = _config(objective)
+def test_loss_equals_hand_assembled_sum_of_terms(state, objective, form):
+  config = _config(objective, **form)
   state = state._replace(queue=_filled_queue(config))
   batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
   key = jax.random.PRNGKey(7)

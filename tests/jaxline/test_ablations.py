@@ -71,9 +71,9 @@ def test_semantic_ramp_scales_the_semantic_terms_by_step(state):
     s = state._replace(step=jnp.asarray(step, jnp.int32))
     loss, fwd = _loss(ramp, s)
     assert float(fwd.metrics["semantic_scale"]) == scale
-    m = plain.metrics
-    semantic = 0.3 * 0.2 * float(m["semantic_contrastive"]) + 5.0 * float(
-        m["semantic_invariance"])
+    m, lc = plain.metrics, ramp.loss  # Defaults: α = 5, λ_sem = 0.
+    semantic = 0.3 * lc.semantic_weight * float(m["semantic_contrastive"]) + (
+        lc.semantic_invariance_weight * float(m["semantic_invariance"]))
     np.testing.assert_allclose(float(plain_loss) - float(loss), (1 - scale) * semantic,
                                rtol=1e-4, atol=1e-6)
 
@@ -135,4 +135,4 @@ def test_experiment_config_wiring():
       del d.semppl[field]
   assert experiment_config.train_config(d, 8).loss == train.LossConfig(
       knn_k=d.semppl.knn_k, num_semantic_positives=3, temperature=0.2, contrastive_weight=0.3,
-      semantic_weight=0.2, invariance_weight=5.0, num_negatives=0)
+      semantic_weight=5.0, invariance_weight=5.0, num_negatives=0)
