@@ -552,14 +552,9 @@ def main():
   rows = measure(args.devices, args.queue_sizes, args.parts, args.steps, args.tiny,
                  log=lambda r: print(json.dumps(r), file=sys.stderr, flush=True))
   text, extra, shares = report(rows, args.queue_sizes, args.label, header)
-  print(text)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(rows=rows, semantic_loss_extra=extra, shares=shares), f, indent=1)
+  from experiments import bench_step  # pylint: disable=g-import-not-at-top
+  bench_step.write_report(text, args.out, args.json,
+                          dict(rows=rows, semantic_loss_extra=extra, shares=shares))
 
 
 if __name__ == "__main__":

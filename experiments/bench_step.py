@@ -71,6 +71,18 @@ class Variant:
   row: dict = dataclasses.field(default_factory=dict)
 
 
+def write_report(text: str, out: str, json_path: str, payload) -> None:
+  """Prints ``text``; writes it to ``out`` and ``payload`` as JSON to ``json_path`` if given."""
+  print(text)
+  if out:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+      f.write(text + "\n")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(payload, f, indent=1)
+
+
 def _imports():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -559,15 +571,7 @@ def main():
                  f"remat={run['remat']}, {run['devices']} device(s)): {run['steps']} steps, "
                  f"{run['steps_per_s']:.3f} steps/s, {run['images_per_s']:.1f} images/s "
                  "after the compile step"]
-  text = "\n".join(report)
-  print(text)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=1)
+  write_report("\n".join(report), args.out, args.json, results)
 
 
 if __name__ == "__main__":
