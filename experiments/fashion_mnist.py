@@ -7,14 +7,15 @@ Launch (what README's first command runs):
 
 Runtime: about 13 minutes on an idle 2-core machine (1000 steps at 1.46 steps/s; jax 0.10.2,
 x86-64). With other jobs on the 2 cores (a test suite and a benchmark; load average 3-10) and
-`nice -n 10`, the 3 runs below took 28, 22, 18 minutes (0.55-0.96 steps/s).
+`nice -n 10`, three earlier runs took 28, 22, 18 minutes (0.55-0.96 steps/s).
 
-Expected end-of-training numbers with these settings (mean ± sample std over seeds 0, 1, 2;
-measured with the current kNN tie rule, `tf.image` colour jitter and rank-based semantic-positive
-sampler): weighted kNN top-1 (k=20, test) 80.2 ± 0.3 %, (k=200) 75.8 ± 0.3 %; online probe
-72.5 ± 0.7 %; queue-kNN 67.4 ± 2.9 %; pseudo-label accuracy (unlabelled train, last 25 steps)
-68.1 ± 1.8 %; semantic-positive purity 76.0 ± 1.4 %. Per seed: BENCHMARKS.md (Fashion-MNIST,
-10 % labels, "Demo, 3 seeds"). The demo is seed 0; seed N reproduces with
+Expected end-of-training numbers with these settings (seed 0, the demo; run 17:14-17:52 UTC on
+the shared 2-core machine, 0.45-0.8 steps/s): weighted kNN top-1 (k=20, test) 82.0 %, (k=200)
+78.6 %; online probe 76.8 %; queue-kNN 71.5 %; pseudo-label accuracy (unlabelled train, last
+steps) 70.6 %; semantic-positive purity 77.9 %. The first-built semantic term (α = 0.2,
+'semantic' negatives, λ_sem = λ, 'prediction' query) gave 80.2 ± 0.3 %, 75.8 ± 0.3 %,
+72.5 ± 0.7 %, 67.4 ± 2.9 %, 68.1 ± 1.8 %, 76.0 ± 1.4 % over seeds 0, 1, 2 on earlier code
+(BENCHMARKS.md, Fashion-MNIST, 10 % labels, "Demo, 3 seeds"). Seed N reproduces with
 
     python experiments/launch.py --config=experiments/fashion_mnist.py \\
         --config.random_seed=N --config.experiment_kwargs.config.data.seed=N \\
@@ -22,8 +23,8 @@ sampler): weighted kNN top-1 (k=20, test) 80.2 ± 0.3 %, (k=200) 75.8 ± 0.3 %; 
 
 (`random_seed`: jaxline's PRNG key, i.e. initialisation and the in-step random draws;
 `data.seed`: batch order; the 10 % label split is the committed one for every seed). The seeded
-comparison with ReLIC-only and a supervised baseline (where SemPPL does not win at this budget)
-is BENCHMARKS.md's "Study".
+comparison with ReLIC-only and a supervised baseline is BENCHMARKS.md's "Study" and
+"Semantic objective".
 
 Settings chosen on validation (BENCHMARKS.md, "Study", ablations): k = 1 (docs/design.md §2). An
 earlier session had picked k = 5 from test-set numbers; on the validation split (1 % labels,

@@ -280,7 +280,10 @@ def semantic_positives(config: train.TrainConfig, state: train.TrainState,
     config = dataclasses.replace(config, loss=dataclasses.replace(config.loss, knn_k=knn_k))
   fwd = train.forward(config, state.online_params, state.target_params, state, batch, key,
                       is_training=False)
-  top = knn.top_k_entries(fwd.online[0], state.queue.embeddings[0], state.queue.labels[0],
+  # The neighbours the labeller sees: its query is the online prediction or the target
+  # projection (LossConfig.knn_query).
+  query = fwd.online[0] if config.loss.knn_query == "prediction" else fwd.target[0]
+  top = knn.top_k_entries(query, state.queue.embeddings[0], state.queue.labels[0],
                           k=config.loss.knn_k)
   num_labelled = config.labelled_batch_size
   gallery = fwd.target[0, :num_labelled]                          # [B_l, D]

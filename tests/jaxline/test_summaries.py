@@ -183,9 +183,13 @@ def test_semantic_positives_recomputes_views_pseudo_labels_and_positives():
 
   np.testing.assert_array_equal(out.labels, [0, 1, 2, 0, 1, 2, 0, 1, 2, 5])
   np.testing.assert_array_equal(out.is_labelled, [True] * nl + [False] * nu)
-  # Pseudo-labels and neighbours as knn computes them from the online predictions.
-  (_, _, pred), _ = online(state.online_params, state.online_state, None,
-                           _normalized(large.reshape((-1,) + large.shape[2:])), False)
+  # Pseudo-labels and neighbours as knn computes them from the labeller's queries: the target
+  # projections by default (LossConfig.knn_query), the online predictions as first built.
+  flat_large = _normalized(large.reshape((-1,) + large.shape[2:]))
+  if config.loss.knn_query == "prediction":
+    (_, _, pred), _ = online(state.online_params, state.online_state, None, flat_large, False)
+  else:
+    pred, _ = target(state.target_params, state.target_state, None, flat_large, False)
   queries = losses.l2_normalize(pred.reshape(config.views.num_large, nl + nu, -1))
   # Only the unlabelled rows are queried (as in training); labelled rows hold -1.
   np.testing.assert_array_equal(
