@@ -10,8 +10,10 @@ What it costs per step: one finiteness reduction per checked leaf (each a read, 
 one ``lax.cond`` choosing between the updated and the previous state. The queue, the one big
 leaf (``[L, Q, D]``; 4 GiB at the paper's Q = 2^20 with two queues), is not re-read: the guard
 checks the items written into it this step (``enqueued``), which is enough because every queue
-it ever accepted was finite. BENCHMARKS.md "Asynchronous checkpoints (issue #20)" has the
-compiled program's bytes with and without the guard.
+it ever accepted was finite. Nor is it copied: ``train_step`` passes its enqueue as
+``update_queue``, run after the decision (``write=accept``), so the queue stays out of the
+conditional and is updated in place. BENCHMARKS.md "Asynchronous checkpoints (issue #20)" and
+"Per-part cost", round five, have the compiled program's bytes with and without the guard.
 """
 from typing import Any, Callable, Mapping, Optional, Tuple
 
