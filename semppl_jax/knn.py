@@ -33,11 +33,12 @@ same scores, both paths return identical results, bit for bit:
 The selection and merge logic is exact. What this module cannot pin down is the rounding of
 the similarity scores themselves: they come from the backend's matmul of a ``[rows, chunk]``
 block (a chunk of the ``Q / n`` slots of a device) instead of a ``[rows, Q]`` one, and a
-compiler may round a dot product differently for different shapes. On XLA:CPU (jax 0.10.2) scores are bit-identical for realistic shapes
-(D = 128 / 256, thousands of entries) but not for some tiny ones (D <= 32); where they differ,
-only entries whose similarities agree to the last bit or so can change places. Comparisons
-should be eager vs eager or jit vs jit: XLA fuses the elementwise tail (e.g. ``exp`` in
-:func:`weighted_knn_scores`) differently in the two modes.
+compiler may round a dot product differently for different shapes. On XLA:CPU (jax 0.10.2)
+scores are bit-identical for realistic shapes (D = 128 / 256, thousands of entries, chunks of
+hundreds of slots or more) but not for some tiny ones (D <= 32, or 8 rows x 32 slots at
+D = 128); where they differ, only entries whose similarities agree to the last bit or so can
+change places. Comparisons should be eager vs eager or jit vs jit: XLA fuses the elementwise
+tail (e.g. ``exp`` in :func:`weighted_knn_scores`) differently in the two modes.
 
 Labels: ``-1`` marks an empty slot. Labels outside ``[0, num_classes)`` are treated as empty as
 well (values of traced arrays cannot be checked); host-side numpy labels are checked and raise
@@ -162,8 +163,8 @@ def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_e
   Exact mode scores the slots in chunks of ``chunk_size`` (default :func:`auto_chunk_size`;
   it must divide ``Ql``) in a ``fori_loop`` that keeps each row's best ``min(k, Ql)`` so far:
   only one ``[R, chunk]`` score block is alive. A chunk's best come from ``lax.top_k``, or for
-  ``k = 1`` from ``lax.argmax`` (a single reduction: no sort, no ``[R, chunk]`` index block);
-  both put the lowest slot first among equal scores, and the merge puts the earlier chunks'
+  ``k = 1`` from :func:`_max_and_position` (one reduction: no sort, no ``[R, chunk]`` index
+  block); both put the lowest slot first among equal scores, and the merge puts the earlier chunks'
   (lower) slots first, so the result is that of one top-k over all ``Ql`` slots. Returns
   (scores, labels, global indices, embeddings or None), each ``[G, R, min(k, Ql)]``
   (embeddings ``[G, R, min(k, Ql), D]``).
