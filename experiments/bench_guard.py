@@ -4,7 +4,10 @@ Compiles (ahead of time, nothing is allocated) the SemPPL step of a tiny network
 queue, so that the queue dominates the state, with the state donated as the experiment does,
 in three variants:
 
-* ``guard``: ``train.train_step`` as it is (the guard checks the items enqueued this step);
+* ``guard``: ``train.train_step`` as it is (the guard checks the items enqueued this step, and
+  the enqueue runs after its decision, in place);
+* ``guard_queue_in_cond``: the enqueue before the guard, the updated queue chosen by the
+  guard's conditional (the step before round five of issue #20);
 * ``guard_whole_queue``: the guard re-reading the whole updated queue (what it did before
   issue #20, also ``enqueued=None``);
 * ``no_guard``: the updated state returned as it is (the lower bound).
@@ -50,10 +53,18 @@ def _config(queue_size: int) -> train.TrainConfig:
 
 def _variants():
   guard = nonfinite_guard.guard_nonfinite
+  # train_step passes its enqueue as update_queue (run after the decision); the other variants
+  # enqueue first, as the step did before, and put the updated queue into new_state.
+  enqueued_first = lambda n, update_queue: (
+      n if update_queue is None else n._replace(queue=update_queue(True)))
   return {
       "guard": guard,
-      "guard_whole_queue": lambda s, n, m, enqueued=None: guard(s, n, m),
-      "no_guard": lambda s, n, m, enqueued=None: n,
+      "guard_queue_in_cond": lambda s, n, m, enqueued=None, update_queue=None: guard(
+          s, enqueued_first(n, update_queue), m, enqueued=enqueued),
+      "guard_whole_queue": lambda s, n, m, enqueued=None, update_queue=None: guard(
+          s, enqueued_first(n, update_queue), m),
+      "no_guard": lambda s, n, m, enqueued=None, update_queue=None: enqueued_first(
+          n, update_queue),
   }
 
 

@@ -9,7 +9,10 @@ batch-sharded query array is all-gathered, which is small next to the queue). In
 
 1. every device scores the queries against its own ``Q / n`` entries (``[rows, Q / n]``: no
    device ever holds a score matrix over the full queue);
-2. keeps its local top ``min(k, Q / n)`` (excluded entries score ``-inf``);
+2. keeps its local top ``min(k, Q / n)`` (excluded entries score ``-inf``), scoring its slots
+   in chunks (``chunk_size``, default :func:`auto_chunk_size`) with a running top-k, so only a
+   ``[rows, chunk]`` score block is alive; for ``k = 1`` each chunk's best comes from one max
+   reduction (no sort, no index block);
 3. all-gathers those ``n · k`` candidates (scores, labels, global slot indices) and merges them
    with a second top-k; embeddings, when needed, are sent by the owning device only (a ``psum``
    of a ``[rows, k, D]`` block that is zero elsewhere), never all-gathered.
@@ -28,13 +31,14 @@ same scores, both paths return identical results, bit for bit:
   :func:`knn_vote`).
 
 The selection and merge logic is exact. What this module cannot pin down is the rounding of
-the similarity scores themselves: they come from the backend's matmul of a ``[rows, Q / n]``
-block instead of a ``[rows, Q]`` one, and a compiler may round a dot product differently for
-different shapes. On XLA:CPU (jax 0.10.2) scores are bit-identical for realistic shapes
-(D = 128 / 256, thousands of entries) but not for some tiny ones (D <= 32); where they differ,
-only entries whose similarities agree to the last bit or so can change places. Comparisons
-should be eager vs eager or jit vs jit: XLA fuses the elementwise tail (e.g. ``exp`` in
-:func:`weighted_knn_scores`) differently in the two modes.
+the similarity scores themselves: they come from the backend's matmul of a ``[rows, chunk]``
+block (a chunk of the ``Q / n`` slots of a device) instead of a ``[rows, Q]`` one, and a
+compiler may round a dot product differently for different shapes. On XLA:CPU (jax 0.10.2)
+scores are bit-identical for realistic shapes (D = 128 / 256, thousands of entries, chunks of
+hundreds of slots or more) but not for some tiny ones (D <= 32, or 8 rows x 32 slots at
+D = 128); where they differ, only entries whose similarities agree to the last bit or so can
+change places. Comparisons should be eager vs eager or jit vs jit: XLA fuses the elementwise
+tail (e.g. ``exp`` in :func:`weighted_knn_scores`) differently in the two modes.
 
 Labels: ``-1`` marks an empty slot. Labels outside ``[0, num_classes)`` are treated as empty as
 well (values of traced arrays cannot be checked); host-side numpy labels are checked and raise
@@ -109,27 +113,109 @@ def check_labels(labels, num_classes: int, *, name: str = "labels",
 # Recall target of the approximate local top-k (``approximate=True``).
 APPROX_RECALL = 0.95
 
+# Budget of the exact local top-k's score block: a device scores its slots in chunks of ``C``
+# slots, ``rows * C`` at most this many elements (256 MiB of float32), so the live block stays
+# bounded whatever the queue size (see :func:`auto_chunk_size`).
+CHUNK_ELEMENTS = 2**26
+
+
+def auto_chunk_size(rows: int, local_size: int, k: int) -> int:
+  """The default chunk: the most slots ``C`` dividing ``local_size`` with ``rows * C`` within
+  :data:`CHUNK_ELEMENTS` (at least ``k`` slots); ``local_size`` (one chunk, no loop) when all
+  of them fit, or when no divisor comes within 8x of that budget (e.g. a prime shard size:
+  scoring it in tiny chunks would cost more than the bounded block saves)."""
+  target = max(k, CHUNK_ELEMENTS // max(rows, 1))
+  if local_size <= target:
+    return local_size
+  best = max(d for i in range(1, int(local_size**0.5) + 1) if local_size % i == 0
+             for d in (i, local_size // i) if d <= target)
+  return best if 8 * best >= target else local_size
+
+
+def _max_and_position(scores):
+  """Each row's largest score and its first position, in one pass over ``scores [R, C]``.
+
+  A single variadic reduction of (score, position): unlike ``lax.top_k`` (a sort) it writes no
+  ``[R, C]`` index block, and unlike ``argmax`` + a gather it reads the block once. Among equal
+  scores the lowest position wins, as in ``lax.top_k``; a NaN counts as the largest score.
+  Returns float ``[R]`` (the scores' dtype) and int32 ``[R]``.
+  """
+  def pick(a, b):
+    (a_val, a_pos), (b_val, b_pos) = a, b
+    a_nan, b_nan = a_val != a_val, b_val != b_val
+    take_a = (a_nan & ~b_nan) | (a_val > b_val) | (
+        ((a_val == b_val) | (a_nan & b_nan)) & (a_pos < b_pos))
+    return lax.select(take_a, a_val, b_val), lax.select(take_a, a_pos, b_pos)
+
+  positions = lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+  init = (jnp.array(-jnp.inf, scores.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+  return lax.reduce((scores, positions), init, pick, (1,))
+
 
 def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_embeddings: bool,
-                 approximate: bool = False):
+                 approximate: bool = False, chunk_size: Optional[int] = None):
   """Top-k of every group over one block of slots.
 
   Shapes: keys ``[G, Ql, D]``, labels ``[G, Ql]``; ``offset`` is the global index of local slot
-  0. ``approximate``: ``lax.approx_max_k`` instead of ``lax.top_k`` (see
-  :func:`pseudo_labels`). Returns (scores, labels, global indices, embeddings or None), each ``[G, R, min(k, Ql)]``
+  0; the rows ``R`` are axis 0 of ``shared``'s first leaf (the queries). ``approximate``:
+  ``lax.approx_max_k`` over the whole block instead (see :func:`pseudo_labels`).
+
+  Exact mode scores the slots in chunks of ``chunk_size`` (default :func:`auto_chunk_size`;
+  it must divide ``Ql``) in a ``fori_loop`` that keeps each row's best ``min(k, Ql)`` so far:
+  only one ``[R, chunk]`` score block is alive. A chunk's best come from ``lax.top_k``, or for
+  ``k = 1`` from :func:`_max_and_position` (one reduction: no sort, no ``[R, chunk]`` index
+  block); both put the lowest slot first among equal scores, and the merge puts the earlier chunks'
+  (lower) slots first, so the result is that of one top-k over all ``Ql`` slots. Returns
+  (scores, labels, global indices, embeddings or None), each ``[G, R, min(k, Ql)]``
   (embeddings ``[G, R, min(k, Ql), D]``).
   """
   num_groups, local_size, _ = keys.shape
-  slots = offset + jnp.arange(local_size, dtype=jnp.int32)
   local_k = min(k, local_size)
+  rows = jnp.shape(jax.tree.leaves(shared)[0])[0]
+  if chunk_size is None:
+    chunk = auto_chunk_size(rows, local_size, local_k)
+  else:
+    chunk = positive_int(chunk_size, "chunk_size")
+    if local_size % chunk:
+      raise ValueError(f"chunk_size={chunk} must divide the slots per device ({local_size})")
+  num_chunks = local_size // chunk
+
+  def chunk_best(group, keys_g, labels_g, start):
+    """The best ``min(k, chunk)`` of the chunk at local slot ``start``: (scores, positions)."""
+    keys_c = lax.dynamic_slice_in_dim(keys_g, start, chunk)
+    labels_c = lax.dynamic_slice_in_dim(labels_g, start, chunk)
+    slots_c = offset + start + jnp.arange(chunk, dtype=jnp.int32)
+    scores = score_fn(shared, group, keys_c, labels_c, slots_c).astype(jnp.float32)
+    if local_k == 1:
+      values, positions = _max_and_position(scores)
+      values, positions = values[:, None], positions[:, None]
+    else:
+      values, positions = lax.top_k(scores, min(local_k, chunk))
+    return values, start + positions
+
+  def merge(best, new):
+    if local_k == 1:  # Strictly better only: an equal score keeps the earlier (lower) slot.
+      better = (new[0] > best[0]) | (jnp.isnan(new[0]) & ~jnp.isnan(best[0]))
+      return tuple(jnp.where(better, n, b) for n, b in zip(new, best))
+    # The kept entries precede the chunk's, and top_k puts the first of equal scores first.
+    values, positions = (jnp.concatenate(pair, axis=1) for pair in zip(best, new))
+    values, sel = lax.top_k(values, local_k)
+    return values, jnp.take_along_axis(positions, sel, axis=1)
 
   def one_group(args):
     group, keys_g, labels_g = args
-    scores = score_fn(shared, group, keys_g, labels_g, slots).astype(jnp.float32)
+    slots = offset + jnp.arange(local_size, dtype=jnp.int32)
     if approximate:
+      scores = score_fn(shared, group, keys_g, labels_g, slots).astype(jnp.float32)
       values, positions = lax.approx_max_k(scores, local_k, recall_target=APPROX_RECALL)
+    elif num_chunks == 1:
+      values, positions = chunk_best(group, keys_g, labels_g, 0)
     else:
-      values, positions = lax.top_k(scores, local_k)
+      init = (jnp.full((rows, local_k), -jnp.inf, jnp.float32),
+              jnp.zeros((rows, local_k), jnp.int32))
+      values, positions = lax.fori_loop(
+          0, num_chunks,
+          lambda i, best: merge(best, chunk_best(group, keys_g, labels_g, i * chunk)), init)
     found = values > -jnp.inf
     out = (values,
            jnp.where(found, labels_g[positions], -1),
@@ -142,13 +228,14 @@ def _local_top_k(score_fn: ScoreFn, shared, keys, labels, offset, k: int, with_e
   if num_groups == 1:
     out = jax.tree.map(lambda x: x[None], one_group((groups[0], keys[0], labels[0])))
   else:
-    # lax.map, not vmap: only one group's [R, Ql] score block is alive at a time.
+    # lax.map, not vmap: only one group's score block is alive at a time.
     out = lax.map(one_group, (groups, keys, labels))
   return out if with_embeddings else out + (None,)
 
 
 def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
-                   with_embeddings: bool, approximate: bool = False) -> TopK:
+                   with_embeddings: bool, approximate: bool = False,
+                   chunk_size: Optional[int] = None) -> TopK:
   """The one top-k primitive: per group, the k best-scoring entries of a (sharded) queue.
 
   Args:
@@ -162,6 +249,9 @@ def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
     with_embeddings: also return the entries' embeddings.
     approximate: each device's top-k over its own entries is ``lax.approx_max_k`` (the merge
       stays exact).
+    chunk_size: slots scored at a time on each device in exact mode (must divide ``Q / n``);
+      ``None``: :func:`auto_chunk_size`. The result does not depend on it (see
+      :func:`_local_top_k`).
 
   Returns:
     :class:`TopK` with leading ``[G, R]`` axes, replicated.
@@ -171,7 +261,7 @@ def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
   shards = ambient_data_axis_size()
   if shards == 1:
     values, labs, idx, emb = _local_top_k(score_fn, shared, keys, labels, 0, k_eff,
-                                          with_embeddings, approximate)
+                                          with_embeddings, approximate, chunk_size)
     return TopK(values, labs, idx, emb)
   if size % shards:
     raise ValueError(f"queue size Q={size} must be a multiple of the mesh's 'data' axis size "
@@ -182,7 +272,8 @@ def _sharded_top_k(score_fn: ScoreFn, shared, keys, labels, *, k: int,
   def body(shared, keys, labels):
     me = lax.axis_index(DATA_AXIS)
     values, labs, idx, emb = _local_top_k(
-        score_fn, shared, keys, labels, me * local_size, k, with_embeddings, approximate)
+        score_fn, shared, keys, labels, me * local_size, k, with_embeddings, approximate,
+        chunk_size)
     # Shard-major concatenation: among equal scores, candidates stay in global slot order.
     gather = lambda x: lax.all_gather(x, DATA_AXIS, axis=2, tiled=True)
     all_values, all_labels, all_idx = gather(values), gather(labs), gather(idx)
@@ -284,8 +375,8 @@ def _vote(labels, similarities):
           jnp.where(found, best_sum[..., 0], 0.0))
 
 
-def top_k_entries(queries, keys, key_labels, *, k: int,
-                  return_embeddings: bool = False) -> TopK:
+def top_k_entries(queries, keys, key_labels, *, k: int, return_embeddings: bool = False,
+                  chunk_size: Optional[int] = None) -> TopK:
   """The ``k`` non-empty entries with the largest dot product with each query.
 
   Args:
@@ -294,6 +385,9 @@ def top_k_entries(queries, keys, key_labels, *, k: int,
     key_labels: int ``[Q]``, ``-1`` (any negative value) = empty slot, never returned.
     k: entries per query, ``>= 1``; clamped to ``Q``.
     return_embeddings: also return the entries' embeddings.
+    chunk_size: slots scored at a time per device (must divide the slots per device);
+      ``None``: :func:`auto_chunk_size`. Bounds the live ``[rows, chunk]`` score block; the
+      result does not depend on it.
 
   Returns:
     :class:`TopK` with ``scores``, ``labels``, ``indices`` ``[B, min(k, Q)]`` and
@@ -303,11 +397,12 @@ def top_k_entries(queries, keys, key_labels, *, k: int,
   k = positive_int(k, "k")
   top = _sharded_top_k(_dot_scores(None), jnp.asarray(queries), jnp.asarray(keys)[None],
                        jnp.asarray(key_labels, jnp.int32)[None], k=k,
-                       with_embeddings=return_embeddings)
+                       with_embeddings=return_embeddings, chunk_size=chunk_size)
   return jax.tree.map(lambda x: x[0], top)
 
 
-def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: int):
+def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: int,
+             chunk_size: Optional[int] = None):
   """Majority label of the ``k`` most similar valid queue entries of every query.
 
   Similarity is the dot product: the caller l2-normalises queries and queue entries (the queue
@@ -327,6 +422,9 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
     k: neighbours per query, ``>= 1``; with fewer than ``k`` valid entries the vote is among
       those.
     num_classes: ``C >= 1``.
+    chunk_size: slots scored at a time per device (must divide the slots per device);
+      ``None``: :func:`auto_chunk_size`. Bounds the live ``[rows, chunk]`` score block; the
+      result does not depend on it.
 
   Returns:
     int32 ``[B]``: the majority label (ties as above), ``-1`` if no entry is valid.
@@ -339,7 +437,8 @@ def knn_vote(queries, queue_embeddings, queue_labels, *, k: int, num_classes: in
     check_labels(queue_labels, num_classes, name="queue_labels")
   top = _sharded_top_k(_dot_scores(num_classes), jnp.asarray(queries),
                        jnp.asarray(queue_embeddings)[None],
-                       jnp.asarray(queue_labels, jnp.int32)[None], k=k, with_embeddings=False)
+                       jnp.asarray(queue_labels, jnp.int32)[None], k=k, with_embeddings=False,
+                       chunk_size=chunk_size)
   return _vote(top.labels[0], top.scores[0])[0]
 
 
@@ -360,7 +459,8 @@ def check_queue(queue: Queue, dim: Optional[int] = None):
 
 
 def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
-                  min_agreement: float = 0.0, approximate: bool = False):
+                  min_agreement: float = 0.0, approximate: bool = False,
+                  chunk_size: Optional[int] = None):
   """Pseudo-labels: majority over the kNN votes of every (online large view, queue) pair.
 
   For each image ``i``, each view ``j`` (``queries[j, i]``) and each queue ``l``, the vote is
@@ -391,6 +491,10 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
       may differ where scores tie. On CPU and GPU ``approx_max_k`` computes the exact top-k
       values (callers that want the exact path everywhere but on TPU pass
       ``approximate=jax.default_backend() == 'tpu'``).
+    chunk_size: exact mode: queue slots scored at a time per device (must divide ``Q / n``);
+      ``None``: :func:`auto_chunk_size`. Bounds the live ``[L·B, chunk]`` score block; the
+      result does not depend on it. ``k = 1`` keeps each row's best by a max reduction (no
+      sort, no index block).
 
   Returns:
     int32 ``[B]``: the combined vote (ties as above; ``-1`` if every vote is ``-1``, e.g.
@@ -410,7 +514,7 @@ def pseudo_labels(queries, queue: Queue, *, k: int, num_classes: int,
   flat = jnp.asarray(queries).reshape(num_views * batch, dim)
   top = _sharded_top_k(_dot_scores(num_classes), flat, jnp.asarray(queue.embeddings),
                        jnp.asarray(queue.labels, jnp.int32), k=k, with_embeddings=False,
-                       approximate=approximate)
+                       approximate=approximate, chunk_size=chunk_size)
   votes, strengths = _vote(top.labels, top.scores)  # [L_queue, L_view * B] each.
   # Ballot axis last, ordered queue-major then view: [B, L_queue * L_view].
   to_ballots = lambda x: x.reshape(-1, num_views, batch).reshape(-1, batch).T
@@ -441,7 +545,7 @@ def _l2_normalize(x):
 
 
 def weighted_knn_scores(queries, bank_embeddings, bank_labels, *, k: int, num_classes: int,
-                        temperature: float):
+                        temperature: float, chunk_size: Optional[int] = None):
   """Evaluation kNN: temperature-weighted cosine votes of the ``k`` nearest bank entries.
 
   ``scores[i, c] = sum over the k nearest valid entries e with label c of exp(cos(q_i, e) / τ)``;
@@ -456,6 +560,9 @@ def weighted_knn_scores(queries, bank_embeddings, bank_labels, *, k: int, num_cl
     k: neighbours, ``>= 1`` (fewer valid entries: only those vote).
     num_classes: ``C >= 1``.
     temperature: ``τ > 0``.
+    chunk_size: slots scored at a time per device (must divide the slots per device);
+      ``None``: :func:`auto_chunk_size`. Bounds the live ``[rows, chunk]`` score block; the
+      result does not depend on it.
 
   Returns:
     float32 ``[B, C]``; all zeros for a query when the bank has no valid entry.
@@ -478,7 +585,8 @@ def weighted_knn_scores(queries, bank_embeddings, bank_labels, *, k: int, num_cl
 
   top = _sharded_top_k(cosine, _l2_normalize(jnp.asarray(queries)),
                        jnp.asarray(bank_embeddings)[None],
-                       jnp.asarray(bank_labels, jnp.int32)[None], k=k, with_embeddings=False)
+                       jnp.asarray(bank_labels, jnp.int32)[None], k=k, with_embeddings=False,
+                       chunk_size=chunk_size)
   sims, labels = top.scores[0], top.labels[0]
   weights = jnp.where(labels >= 0, jnp.exp(sims / temperature), 0.0)
   one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)

@@ -10,10 +10,12 @@ What it costs per step: one finiteness reduction per checked leaf (each a read, 
 one ``lax.cond`` choosing between the updated and the previous state. The queue, the one big
 leaf (``[L, Q, D]``; 4 GiB at the paper's Q = 2^20 with two queues), is not re-read: the guard
 checks the items written into it this step (``enqueued``), which is enough because every queue
-it ever accepted was finite. BENCHMARKS.md "Asynchronous checkpoints (issue #20)" has the
-compiled program's bytes with and without the guard.
+it ever accepted was finite. Nor is it copied: ``train_step`` passes its enqueue as
+``update_queue``, run after the decision (``write=accept``), so the queue stays out of the
+conditional and is updated in place. BENCHMARKS.md "Asynchronous checkpoints (issue #20)" and
+"Per-part cost", round five, have the compiled program's bytes with and without the guard.
 """
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +63,17 @@ def _queue_finite(state: Any, new_state: Any, enqueued: Optional[jax.Array]) -> 
     return jnp.asarray(True)
   if enqueued is None:
     return _all_finite(new_state.queue)
-  return jnp.all(jnp.isfinite(jnp.asarray(enqueued).astype(new_state.queue.embeddings.dtype)))
+  return _items_finite(enqueued, new_state.queue)
+
+
+def _items_finite(enqueued, queue) -> jax.Array:
+  """bool []: the items are finite once cast to the queue's dtype (as the enqueue stores them)."""
+  return jnp.all(jnp.isfinite(jnp.asarray(enqueued).astype(queue.embeddings.dtype)))
 
 
 def guard_nonfinite(state: Any, new_state: Any, metrics: Mapping[str, jax.Array], *,
-                    enqueued: Optional[jax.Array] = None) -> Any:
+                    enqueued: Optional[jax.Array] = None,
+                    update_queue: Optional[Callable[[jax.Array], Any]] = None) -> Any:
   """``new_state`` if every check of :func:`nonfinite_check_names` is finite, else ``state``.
 
   On device, without a host sync: the refused update leaves ``state`` (step included) as it
@@ -86,15 +94,26 @@ def guard_nonfinite(state: Any, new_state: Any, metrics: Mapping[str, jax.Array]
     metrics: the step's metrics (float32 [] each).
     enqueued: float [..., D], every item the step wrote into ``new_state.queue`` (more rows
       are allowed: then they are checked too); None: the whole updated queue is checked.
+    update_queue: None, or the step's enqueue as a function of the decision: ``accept`` (bool
+      ``[]``) -> the queue to keep, ``state.queue`` unchanged when ``accept`` is False (e.g.
+      ``queue.enqueue(..., write=accept)``). Then ``new_state.queue`` is ignored, the queue
+      stays out of the conditional, and the enqueue runs after the decision: its scatter
+      updates the (donated) queue in place instead of the conditional copying the updated
+      queue into its output. Requires ``enqueued`` (the items it writes).
 
   Returns:
     The state to keep.
   """
   names = nonfinite_check_names(metrics)
+  if update_queue is not None:
+    if enqueued is None:
+      raise ValueError("update_queue needs enqueued (the items it writes)")
+    new_state = new_state._replace(queue=state.queue)
   checks = {n: jnp.all(jnp.isfinite(metrics[n])) for n in metrics}
   checks.update({f: _all_finite(getattr(new_state, f)) for f in GUARDED_STATE_FIELDS
                  if f != "queue"})
-  checks["queue"] = _queue_finite(state, new_state, enqueued)
+  checks["queue"] = (_queue_finite(state, new_state, enqueued) if update_queue is None else
+                     _items_finite(enqueued, state.queue))
   finite = jnp.stack([checks[n] for n in names])  # bool [len(names)]
   clear = state.nonfinite_step < 0
   accept = clear & jnp.all(finite)
@@ -103,7 +122,12 @@ def guard_nonfinite(state: Any, new_state: Any, metrics: Mapping[str, jax.Array]
   # (~1000 state leaves) did not finish compiling on CPU in 20 minutes; a select per leaf also
   # reads both states in full. A conditional's predicate is computed once, and the compiled
   # step moves 0.02 queue sizes more with it than without any guard (BENCHMARKS.md, issue #20).
-  kept = jax.lax.cond(accept, lambda: new_state, lambda: state)
+  if update_queue is None:
+    kept = jax.lax.cond(accept, lambda: new_state, lambda: state)
+  else:
+    without_queue = lambda s: s._replace(queue=None)
+    kept = jax.lax.cond(accept, lambda: without_queue(new_state), lambda: without_queue(state))
+    kept = kept._replace(queue=update_queue(accept))
   newly_bad = clear & ~jnp.all(finite)
   first_bad = jnp.argmax(~finite).astype(jnp.int32)
   return kept._replace(

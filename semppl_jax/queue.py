@@ -23,7 +23,7 @@ the same ``n`` produces exactly the same layout, so a queue can move between a s
 a mesh (or be checked against a reference) without changing its contents. The order of the
 slots has no meaning for kNN or sampling except for tie-breaking (see :mod:`semppl_jax.knn`).
 """
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,11 +67,13 @@ def init(num_queues: int, size: int, dim: int, dtype=jnp.float32) -> Queue:
       position=jnp.zeros((), jnp.int32))
 
 
-def _write_blocks(queue_embeddings, queue_labels, position, embeddings, labels, num_blocks):
+def _write_blocks(queue_embeddings, queue_labels, position, embeddings, labels, num_blocks,
+                  write=None):
   """Writes item block i into slot block i at in-block offsets position + j (mod block size).
 
   Shapes: queue_embeddings [L, Q, D], queue_labels [L, Q], embeddings [L, b, D], labels [b];
-  Q and b are multiples of num_blocks. Returns the new (embeddings, labels).
+  Q and b are multiples of num_blocks; ``write``: bool [] or None (see :func:`enqueue`).
+  Returns the new (embeddings, labels).
   """
   num_queues, size, dim = queue_embeddings.shape
   block_size = size // num_blocks
@@ -86,12 +88,16 @@ def _write_blocks(queue_embeddings, queue_labels, position, embeddings, labels, 
   new_lab = jnp.broadcast_to(
       labels.astype(jnp.int32).reshape(1, num_blocks, per_block),
       (num_queues, num_blocks, per_block))
+  if write is not None:  # Refused: the slots get their own contents back (same scatter).
+    new_emb = jnp.where(write, new_emb, q_emb[:, :, offsets])
+    new_lab = jnp.where(write, new_lab, q_lab[:, :, offsets])
   q_emb = q_emb.at[:, :, offsets].set(new_emb, unique_indices=True)
   q_lab = q_lab.at[:, :, offsets].set(new_lab, unique_indices=True)
   return q_emb.reshape(num_queues, size, dim), q_lab.reshape(num_queues, size)
 
 
-def enqueue(queue: Queue, embeddings, labels, *, num_shards: int = 1) -> Queue:
+def enqueue(queue: Queue, embeddings, labels, *, num_shards: int = 1,
+            write: Optional[jax.Array] = None) -> Queue:
   """Writes ``b`` labelled items into every queue (ring buffer, block layout: module doc).
 
   Inside ``jax.set_mesh(mesh)`` whose ``'data'`` axis has size ``num_shards > 1`` the write runs
@@ -106,6 +112,10 @@ def enqueue(queue: Queue, embeddings, labels, *, num_shards: int = 1) -> Queue:
     labels: int ``[b]``, the items' labels (shared by all ``L`` queues).
     num_shards: ``n``, the number of blocks; ``Q % n == 0``, ``b % n == 0`` and
       ``b / n <= Q / n`` are required.
+    write: bool ``[]`` or None (= True). False returns the queue unchanged (position included)
+      through the same in-place scatter, which writes the slots' own contents back: a caller
+      that decides late whether to keep the update (the non-finite guard) then needs no copy
+      of the queue as it was.
 
   Returns:
     The updated :class:`Queue`; ``position`` advanced by ``b / n`` modulo ``Q / n``.
@@ -141,23 +151,32 @@ def enqueue(queue: Queue, embeddings, labels, *, num_shards: int = 1) -> Queue:
   block_size = size // num_shards
   per_block = batch // num_shards
   new_position = (position + per_block) % block_size
+  if write is not None:
+    write = jnp.asarray(write, bool)
+    if write.shape != ():
+      raise ValueError(f"write must be a scalar bool, got shape {write.shape}")
+    new_position = jnp.where(write, new_position, position)
 
+  no_flag = write is None
   if num_shards > 1 and ambient_data_axis_size() == num_shards:
-    def write_own_shard(q_emb, q_lab, pos, emb, lab):
+    def write_own_shard(q_emb, q_lab, pos, emb, lab, write):
       # Each device holds exactly one slot block and one item block.
-      return _write_blocks(q_emb, q_lab, pos, emb, lab, num_blocks=1)
+      return _write_blocks(q_emb, q_lab, pos, emb, lab, num_blocks=1,
+                           write=None if no_flag else write)
 
     slots = P(None, DATA_AXIS)
     new_emb, new_lab = jax.shard_map(
         write_own_shard,
         mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(slots, slots, P(), slots, P(DATA_AXIS)),
+        in_specs=(slots, slots, P(), slots, P(DATA_AXIS), P()),
         out_specs=(slots, slots),
         check_vma=False,
-    )(queue.embeddings, queue.labels, position, jnp.asarray(embeddings), jnp.asarray(labels))
+    )(queue.embeddings, queue.labels, position, jnp.asarray(embeddings), jnp.asarray(labels),
+      jnp.asarray(True) if no_flag else write)
   else:
     new_emb, new_lab = _write_blocks(queue.embeddings, queue.labels, position,
-                                     jnp.asarray(embeddings), jnp.asarray(labels), num_shards)
+                                     jnp.asarray(embeddings), jnp.asarray(labels), num_shards,
+                                     write)
   return Queue(embeddings=new_emb, labels=new_lab, position=new_position)
 
 

@@ -651,17 +651,22 @@ def train_step(config: TrainConfig, state: TrainState, batch: Mapping[str, jax.A
       step=state.step + 1, online_params=online_params, online_state=fwd.online_state,
       opt_state=opt_state, probe_params=optax.apply_updates(state.probe_params, probe_updates),
       probe_opt_state=probe_opt_state)
+  update_queue = None
   if objective.contrastive:
     decay = optim.target_ema_decay(state.step, base_decay=config.optim.target_base_decay,
                                    total_steps=config.training_steps)
     rows = labelled_rows(config, config.num_shards)
-    new_queue = queue_lib.enqueue(state.queue, fwd.target_projections[:, rows],
-                                  fwd.labels[rows], num_shards=config.num_shards)
+    # The enqueue runs after the guard's decision (write=accept): it then updates the donated
+    # queue in place, where choosing between an updated and the old queue would copy it.
+    update_queue = lambda accept: queue_lib.enqueue(
+        state.queue, fwd.target_projections[:, rows], fwd.labels[rows],
+        num_shards=config.num_shards, write=accept)
     new_state = new_state._replace(
         target_params=optim.target_ema(_subset(online_params, state.target_params),
                                        state.target_params, decay),
-        target_state=fwd.target_state, queue=new_queue)
+        target_state=fwd.target_state)
     metrics["ema_decay"] = decay
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
   return nonfinite_guard.guard_nonfinite(state, new_state, metrics,
-                                        enqueued=fwd.target_projections), metrics
+                                        enqueued=fwd.target_projections,
+                                        update_queue=update_queue), metrics

@@ -103,3 +103,21 @@ def test_bench_parts_while_trip_counts_and_unrolled_loops():
   assert bench_parts.while_trip_counts(flat.as_text()) == []
   ratio = flat.cost_analysis()["flops"] / looped.cost_analysis()["flops"]
   assert 4.5 < ratio < 5.5
+
+
+def test_bench_parts_counts_the_knn_chunk_loop_at_its_trip_count():
+  """The kNN scores each device's slots in chunks (a fori_loop inside the lax.map over the
+  queues): counted with both loops unrolled, its FLOPs and bytes are those of every chunk of
+  every queue, i.e. those of the same kNN scored in one block; its temporaries fall."""
+  from unittest import mock  # pylint: disable=g-import-not-at-top
+  from experiments import bench_parts  # pylint: disable=g-import-not-at-top
+  from semppl_jax import knn  # pylint: disable=g-import-not-at-top
+  size = 1024  # 512 slots per device; 4 views x 48 unlabelled images = 192 query rows.
+  one_block = bench_parts.measure(2, [size], parts=("knn",), steps=(), tiny=True)[0]
+  with mock.patch.object(knn, "CHUNK_ELEMENTS", 192 * 64):  # Chunks of 64 slots: 8 per queue.
+    chunked = bench_parts.measure(2, [size], parts=("knn",), steps=(), tiny=True)[0]
+  assert one_block["flops"] / one_block["program_flops"] < 4.5  # Only the 4 queues looped.
+  assert chunked["flops"] / chunked["program_flops"] > 20  # 4 x 8 bodies, each counted once.
+  assert abs(chunked["flops"] / one_block["flops"] - 1) < 0.1, (chunked, one_block)
+  assert abs(chunked["bytes"] / one_block["bytes"] - 1) < 0.2, (chunked, one_block)
+  assert chunked["temp_bytes"] < one_block["temp_bytes"] / 2, (chunked, one_block)

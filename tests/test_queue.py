@@ -1,4 +1,6 @@
 """Tests for semppl_jax.queue: ring semantics, block layout, sharded enqueue without gathers."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,6 +125,29 @@ def test_sharded_enqueue_matches_unsharded_and_stays_local(mesh):
     hlo = jitted.lower(under_jit, items_g, labels_g).compile().as_text()
   assert not [op for op in COLLECTIVES if op in hlo]
 
+
+
+def test_enqueue_write_flag(mesh):
+  """write=False: the queue comes back unchanged (position included), bit for bit, sharded or
+  not; write=True: the plain enqueue."""
+  rng = np.random.default_rng(1)
+  q = queue_lib.enqueue(queue_lib.init(2, 32, 4), rng.normal(size=(2, 8, 4)).astype(np.float32),
+                        np.arange(8, dtype=np.int32), num_shards=8)
+  items = rng.normal(size=(2, 16, 4)).astype(np.float32)
+  item_labels = rng.integers(0, 5, size=16).astype(np.int32)
+  fn = jax.jit(lambda q, e, l, w: queue_lib.enqueue(q, e, l, num_shards=8, write=w))
+  plain = queue_lib.enqueue(q, items, item_labels, num_shards=8)
+  placed = jax.device_put(q, queue_shardings(mesh))
+  for queue in (q, placed):
+    with jax.set_mesh(mesh) if queue is placed else contextlib.nullcontext():
+      kept, written = fn(queue, items, item_labels, False), fn(queue, items, item_labels, True)
+    for a, b in zip(kept, q):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(written, plain):
+      np.testing.assert_array_equal(a, b)
+  assert int(plain.position) != int(q.position)
+  with pytest.raises(ValueError, match="write must be a scalar bool"):
+    queue_lib.enqueue(q, items, item_labels, num_shards=8, write=jnp.ones(2, bool))
 
 def test_enqueue_num_shards_differs_from_mesh(mesh):
   """num_shards != data-axis size falls back to the plain computation, same layout."""

@@ -361,6 +361,48 @@ def test_guard_checks_the_queue_through_what_was_enqueued(state):
   assert int(same.nonfinite_step) == -1 and int(same.step) == 1
 
 
+
+def test_guard_runs_the_enqueue_after_its_decision(state):
+  """update_queue: the queue kept is update_queue(accept): the enqueue when accepted, the queue
+  as it was (position included) when refused, whatever made the guard refuse."""
+  metrics = {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)}
+  names = nonfinite_guard.nonfinite_check_names(metrics)
+  L, _, D = state.queue.embeddings.shape
+  items = jnp.ones((L, 4, D), jnp.float32)
+  labels = jnp.zeros(4, jnp.int32)
+  update = lambda items: lambda accept: queue_lib.enqueue(state.queue, items, labels,
+                                                          write=accept)
+  new = state._replace(step=state.step + 1)
+  guard = functools.partial(nonfinite_guard.guard_nonfinite, state)
+  accepted = guard(new, metrics, enqueued=items, update_queue=update(items))
+  assert int(accepted.step) == 1 and int(accepted.nonfinite_step) == -1
+  chex.assert_trees_all_equal(accepted.queue, queue_lib.enqueue(state.queue, items, labels))
+  bad = items.at[1, 2, 3].set(jnp.nan)
+  for kept, check in ((guard(new, metrics, enqueued=bad, update_queue=update(bad)), "queue"),
+                      (guard(new, dict(metrics, loss=jnp.float32(np.inf)), enqueued=items,
+                             update_queue=update(items)), "loss")):
+    _assert_same_state_but_guard(kept, state)
+    assert int(kept.nonfinite_step) == 1 and names[int(kept.nonfinite_check)] == check
+  with pytest.raises(ValueError, match="update_queue needs enqueued"):
+    guard(new, metrics, update_queue=update(items))
+
+
+@pytest.mark.slow
+def test_accepted_step_does_not_copy_the_queue():
+  """The compiled step (state donated, as the experiment runs it) holds no copy of the queue:
+  the enqueue runs after the guard's decision, in place, rather than the guard's conditional
+  choosing between the updated and the old queue (which copied the updated one). The queue is
+  made the largest array of the state so that its copy is unambiguous."""
+  config = dataclasses.replace(_config("semppl"), queue_size=4096)
+  abstract = jax.eval_shape(lambda: train.init_train_state(config, jax.random.PRNGKey(0)))
+  batch = jax.tree_util.tree_map(jnp.asarray, _batch(1))
+  hlo = jax.jit(functools.partial(train.train_step, config), donate_argnums=0).lower(
+      abstract, batch, jax.random.PRNGKey(0)).compile().as_text()
+  queue_type = re.escape(f"f32[{','.join(map(str, abstract.queue.embeddings.shape))}]")
+  assert re.search(queue_type + r"(\{[^}]*\})? (dynamic-update-slice|scatter|fusion)\(", hlo)
+  copies = re.findall(r"= " + queue_type + r"(\{[^}]*\})? copy(-start)?\(", hlo)
+  assert not copies, copies
+
 def test_guard_fields_stay_out_of_checkpoint_dicts(state):
   tree = state.to_dict()
   assert "nonfinite_step" not in tree and "nonfinite_check" not in tree
