@@ -68,3 +68,13 @@ def pytest_configure(config):
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+
+def pytest_collection_modifyitems(config, items):
+  """Under xdist, the files in ``suite_order``'s order (heaviest first; each file's tests keep
+  their order); a serial run keeps pytest's order."""
+  if not hasattr(config, "workerinput"):
+    return
+  import suite_order  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path)
+  position = {nodeid: i for i, nodeid in enumerate(
+      suite_order.heavy_files_first([item.nodeid for item in items]))}
+  items.sort(key=lambda item: position[item.nodeid])
