@@ -14,7 +14,8 @@ jax's environment variables: most launches compile a program an earlier launch a
 relaunch it again and again), and loading it instead cuts a tiny launch's CPU time by more than
 half (52 -> 21 CPU-s measured). What a launch computes does not change: a hit loads the very
 executable the first compile produced, and the bit-identity tests compare runs across such
-loads. ``SEMPPL_TEST_JAX_CACHE=0`` switches the cache off for both.
+loads. Multi-process launches drop it (tests/test_multiprocess.py says why).
+``SEMPPL_TEST_JAX_CACHE=0`` switches the cache off for both.
 """
 import os
 import shutil
