@@ -7,19 +7,20 @@ finished, so the heaviest files go first and the small ones last.
 """
 from typing import Dict, List, Sequence
 
-# Heaviest first, from the per-test durations of full runs on 2 cores (the e2e files launch
-# real runs; the others compile many distinct steps). Every other file follows them.
+# Heaviest first, from the per-test durations of full runs on 2 cores and single-file runs
+# (test_multiprocess ~600 s and test_faults ~290 s on a loaded machine, whose e2e launches are
+# real runs; the in-process files compile many distinct steps). Every other file follows them.
 HEAVY_FILES_FIRST = (
-    "tests/test_faults.py",
     "tests/test_multiprocess.py",
     "tests/test_train.py",
-    "tests/test_bench.py",
-    "tests/jaxline/test_experiment.py",
+    "tests/test_faults.py",
     "tests/test_networks.py",
+    "tests/jaxline/test_experiment.py",
+    "tests/test_bench.py",
     "tests/test_data_parallel.py",
     "tests/test_study.py",
-    "tests/jaxline/test_summaries.py",
     "tests/test_knn.py",
+    "tests/jaxline/test_summaries.py",
     "tests/jaxline/test_eval_experiment.py",
     "tests/test_launch_cli.py",
     "tests/test_semantic_positives.py",
@@ -28,6 +29,7 @@ HEAVY_FILES_FIRST = (
     "tests/jaxline/test_ablations.py",
     "tests/test_losses.py",
     "tests/test_label.py",
+    "tests/test_readme.py",  # One test, but tens of seconds: not the last file.
 )
 
 
