@@ -8,7 +8,9 @@
 # The markers are declared in pyproject.toml ([tool.pytest.ini_options]). --dist loadfile keeps
 # each test module on one worker, so a module-scoped fixture (the real launches of
 # test_multiprocess, test_faults, test_eval_experiment, ...) runs once, not once per worker that
-# happens to receive one of its tests.
+# happens to receive one of its tests. --no-loadscope-reorder keeps the order tests/conftest.py
+# gives the files (the heaviest first, so that both workers finish together) instead of xdist's
+# (most tests first, which left the few-test but slow e2e files for the end).
 source "$(dirname "$0")/setup_env.sh"
 args=()
 for arg in "$@"; do
@@ -19,4 +21,5 @@ for arg in "$@"; do
   fi
 done
 # Test paths default to pyproject.toml's testpaths (tests/).
-exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --durations=30 -q "${args[@]}"
+exec python -m pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+    --durations=30 -q "${args[@]}"

@@ -6,9 +6,16 @@ The cache lives in ``.pytest_cache/jax_compilation_cache`` (git-ignored with the
 compiling them again. Entries are keyed by the program, the devices and the jax version, so
 changed code simply misses; a damaged or half-written entry (two xdist workers share the folder)
 is reported by jax as a warning and recompiled. The folder is emptied at the start of a session
-once it holds more than ``_CACHE_MAX_BYTES``; delete it to start cold. The cache is set in this
-process only: the launches of the e2e tests compile on their own. ``SEMPPL_TEST_JAX_CACHE=0``
-switches it off.
+once it holds more than ``_CACHE_MAX_BYTES``; delete it to start cold.
+
+The processes the e2e tests start (launcher, scripts, notebook kernels) share the cache through
+jax's environment variables: most launches compile a program an earlier launch already compiled
+(the same tiny config on the same devices: the fault-injection, multi-process and resume tests
+relaunch it again and again), and loading it instead cuts a tiny launch's CPU time by more than
+half (52 -> 21 CPU-s measured). What a launch computes does not change: a hit loads the very
+executable the first compile produced, and the bit-identity tests compare runs across such
+loads. Multi-process launches drop it (tests/test_multiprocess.py says why).
+``SEMPPL_TEST_JAX_CACHE=0`` switches the cache off for both.
 """
 import os
 import shutil
@@ -55,3 +62,20 @@ def pytest_configure(config):
   # would leave out most of the small jitted functions the unit tests compile).
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # The same settings for the processes the tests start: jax reads each option from the
+  # environment variable of its upper-cased name, and every launch helper builds its
+  # environment from os.environ.
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under xdist, the files in ``suite_order``'s order (heaviest first; each file's tests keep
+  their order); a serial run keeps pytest's order."""
+  if not hasattr(config, "workerinput"):
+    return
+  import suite_order  # pylint: disable=g-import-not-at-top  (tests/ is on sys.path)
+  position = {nodeid: i for i, nodeid in enumerate(
+      suite_order.heavy_files_first([item.nodeid for item in items]))}
+  items.sort(key=lambda item: position[item.nodeid])

@@ -78,6 +78,10 @@ def _start(run_dir, log_dir, num_processes, devices_per_process, config, overrid
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
              SEMPPL_TEST_RUN_DIR=str(run_dir))
+  # No shared compilation cache (tests/conftest.py) here: only process 0 writes it, and with
+  # it a 2-process relaunch failed (seen under load): process 0 reached the first collective
+  # more than Gloo's 30 s context set-up timeout before process 1 did.
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   port = _free_port()
   procs, logs = [], []
   try:

@@ -181,6 +181,7 @@ def test_two_processes_sharded_knn_vote(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # Multi-process: see tests/test_multiprocess.py.
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
